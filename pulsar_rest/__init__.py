@@ -1,0 +1,3 @@
+"""pulsar-rest: run pulsar (Capistrano) deployment tasks over HTTP."""
+
+__version__ = "0.1.0"

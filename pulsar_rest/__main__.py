@@ -1,0 +1,5 @@
+import sys
+
+from pulsar_rest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The `pulsar-rest` command: settings, logging, TLS, then serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from pulsar_rest.settings import Settings, SettingsError, load_settings
+from pulsar_rest.tls import TLSError, server_context
+from pulsar_rest.web.app import create_app
+
+log = logging.getLogger("pulsar_rest")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+        ssl_context = server_context(settings) if settings.tls else None
+        configure_logging(settings)
+        return asyncio.run(serve(settings, ssl_context))
+    except (SettingsError, TLSError, StartupError) as exc:
+        print(f"pulsar-rest: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def configure_logging(settings: Settings) -> None:
+    handler: logging.Handler
+    if settings.log_dir is None:
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        path = settings.log_dir / "pulsar-rest.log"
+        try:
+            settings.log_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as exc:
+            raise StartupError(f"--log-dir {settings.log_dir}: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
+
+
+async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
+    # handler_cancellation: a long-poll whose client went away is cancelled, which frees
+    # its waiter at once instead of at its timeout.
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            ) from None
+        scheme = "https" if ssl_context else "http"
+        for address in runner.addresses:
+            host, port = address[:2]
+            log.info("listening on %s://%s:%d/", scheme, _url_host(host), port)
+        await _until_stopped()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,200 @@
+"""Child processes: spawned without a shell in a session of their own, stdout and stderr
+merged at the pipe, and stopped as a whole tree. Knows nothing of tasks or HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+# Every child gets a unique value of this variable, which its descendants inherit: it finds
+# the ones that left the process group and lost their parent (Jenkins' ProcessTreeKiller idea).
+MARKER_VAR = "PULSAR_REST_RUN"
+
+# Poll interval while waiting for processes that are not our children to disappear: they
+# cannot be waited on, only looked at.
+_GONE_POLL = 0.02
+
+
+class SpawnError(Exception):
+    """The program could not be started (not found, not executable, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    code: int | None  # the exit code, when the process exited
+    signal: str | None  # the signal's name, when a signal ended it
+
+    @classmethod
+    def from_returncode(cls, returncode: int) -> ExitStatus:
+        if returncode >= 0:
+            return cls(returncode, None)
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"SIG{-returncode}"
+        return cls(None, name)
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    def __init__(self, on_output: Callable[[bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._on_output = on_output
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.drained: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self._on_output(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1 and not self.drained.done():
+            self.drained.set_result(None)
+
+    def process_exited(self) -> None:
+        # Called on the leader's exit even while a descendant still holds the pipe open,
+        # which Process.wait() would not notice.
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class ChildProcess:
+    """A running child and its process group."""
+
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        protocol: _Protocol,
+        marker: str,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._marker = marker
+        self.pid: int = transport.get_pid()
+        # start_new_session makes the child the leader of its own group.
+        self.pgid = self.pid
+
+    async def wait_exit(self) -> ExitStatus:
+        await asyncio.shield(self._protocol.exited)
+        returncode = self._transport.get_returncode()
+        assert returncode is not None
+        return ExitStatus.from_returncode(returncode)
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until the output pipe is at its end; False if it is still open at `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._protocol.drained)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._transport.close()
+
+    async def terminate(self, grace: float) -> None:
+        """Stop the whole tree: SIGTERM, then SIGKILL to whatever is left after `grace`.
+
+        The tree is the process group, the leader's descendants (also those that moved to
+        another group) and any process carrying this child's marker variable.
+        """
+        procs = self._tree()
+        if not procs:
+            return
+        self._signal(procs, signal.SIGTERM)
+        if await self._wait_gone(procs, grace):
+            return
+        procs = self._tree() | {p for p in procs if _alive(p)}
+        log.info("pid %d: still running %.1fs after SIGTERM, sending SIGKILL", self.pid, grace)
+        self._signal(procs, signal.SIGKILL)
+        if not await self._wait_gone(procs, 5.0):
+            log.error("pid %d: processes survived SIGKILL: %s", self.pid, sorted(p.pid for p in procs))
+
+    def _tree(self) -> set[psutil.Process]:
+        found: set[psutil.Process] = set()
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.pid == os.getpid():
+                    continue
+                if os.getpgid(proc.pid) == self.pgid or _has_marker(proc, self._marker):
+                    found.add(proc)
+        with contextlib.suppress(psutil.Error):
+            found.update(psutil.Process(self.pid).children(recursive=True))
+        return {p for p in found if _alive(p)}
+
+    def _signal(self, procs: set[psutil.Process], sig: signal.Signals) -> None:
+        # killpg reaches members that appeared since the snapshot; only call it while a
+        # snapshot member is still in the group, so a reused group id is never signalled.
+        if any(_in_group(p, self.pgid) for p in procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pgid, sig)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)  # psutil checks the pid was not reused
+
+    async def _wait_gone(self, procs: set[psutil.Process], timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(_alive(p) for p in procs):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_GONE_POLL)
+        return True
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _in_group(proc: psutil.Process, pgid: int) -> bool:
+    try:
+        return _alive(proc) and os.getpgid(proc.pid) == pgid
+    except OSError:
+        return False
+
+
+def _has_marker(proc: psutil.Process, marker: str) -> bool:
+    try:
+        return proc.environ().get(MARKER_VAR) == marker
+    except (psutil.Error, OSError):
+        return False
+
+
+async def spawn(
+    argv: Sequence[str],
+    on_output: Callable[[bytes], None],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> ChildProcess:
+    """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes."""
+    loop = asyncio.get_running_loop()
+    marker = secrets.token_hex(8)
+    child_env = dict(os.environ if env is None else env)
+    child_env[MARKER_VAR] = marker
+    protocol = _Protocol(on_output)
+    try:
+        transport, _ = await loop.subprocess_exec(
+            lambda: protocol,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            env=child_env,
+            cwd=cwd,
+        )
+    except OSError as exc:
+        raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+    return ChildProcess(transport, protocol, marker)

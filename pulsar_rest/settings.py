@@ -1,0 +1,252 @@
+"""Settings: one frozen object built at the edge from the command line, a YAML file and
+`PULSAR_REST_*` environment variables (in that order of precedence), then passed down."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from pulsar_rest import __version__
+
+ENV_PREFIX = "PULSAR_REST_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or not supported: the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    config_repo: str | None = None
+    config_branch: str = "master"
+    log_dir: Path | None = None
+    ssl_key: Path | None = None
+    ssl_cert: Path | None = None
+    ssl_pfx: Path | None = None
+    ssl_passphrase: Path | None = None
+    ssl_min_version: str = "1.2"
+    auth_username: str | None = None
+    # Never shown: repr=False keeps it out of logs and tracebacks.
+    auth_password: str | None = field(default=None, repr=False)
+    auth_provider: str = "github"
+    auth_method: str = "user"
+    pulsar_bin: str = "pulsar"
+    long_poll_timeout: float = 30.0
+    kill_grace: float = 10.0
+    debug: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ssl_pfx or self.ssl_key or self.ssl_cert)
+
+
+def _text(value: object) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _path(value: object) -> Path:
+    return Path(_text(value)).expanduser()
+
+
+def _port(value: object) -> int:
+    port = _int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return port
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number")
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def _seconds(low: float, high: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        try:
+            seconds = float(str(value))
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not low <= seconds <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return seconds
+
+    return parse
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip()
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str  # without the leading dashes
+    parse: Callable[[object], Any]
+    help: str
+    metavar: str | None = None  # None: a switch without a value
+
+    @property
+    def attr(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.attr.upper()
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("host", _text, "address to listen on", "ADDR"),
+    _Option("port", _port, "port to listen on (0: any free port)", "PORT"),
+    _Option("config-repo", _text, "pulsar configuration repository, passed as --conf-repo", "REPO"),
+    _Option("config-branch", _text, "branch of the configuration repository", "BRANCH"),
+    _Option("log-dir", _path, "directory for pulsar-rest.log, created if missing (default: stdout)", "DIR"),
+    _Option("ssl-key", _path, "TLS private key (PEM); use with --ssl-cert", "FILE"),
+    _Option("ssl-cert", _path, "TLS certificate (PEM), a CA chain may follow it in the file", "FILE"),
+    _Option("ssl-pfx", _path, "TLS key and certificate as PKCS#12; overrides --ssl-key/--ssl-cert", "FILE"),
+    _Option("ssl-passphrase", _path, "file holding the passphrase of the key or PKCS#12 file", "FILE"),
+    _Option("ssl-min-version", _choice("1.2", "1.3"), "lowest TLS version accepted", "1.2|1.3"),
+    _Option("auth-username", _text, "user name for the authentication provider", "USER"),
+    _Option("auth-password", _text, "password for the authentication provider", "PASSWORD"),
+    _Option("auth-provider", _text, "authentication provider", "NAME"),
+    _Option("auth-method", _text, "authentication method", "METHOD"),
+    _Option("pulsar-bin", _text, "the pulsar executable", "PATH"),
+    _Option("long-poll-timeout", _seconds(0.001, 3600), "longest wait of a long-poll", "SECONDS"),
+    _Option("kill-grace", _seconds(0, 3600), "seconds between SIGTERM and SIGKILL on a kill", "SECONDS"),
+    _Option("debug", _bool, "debug logging, and tracebacks in error answers"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: start-up errors are one line everywhere.
+        raise SettingsError(f"{message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = _Parser(
+        prog="pulsar-rest",
+        description="Run pulsar deployment tasks over HTTP.",
+        epilog=(
+            "Precedence: command-line flags, then the --config file, then environment "
+            "variables, then defaults. The file's keys are the flags' names "
+            "(config-repo or config_repo)."
+        ),
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"pulsar-rest {__version__}")
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"YAML file with these settings (env {ENV_PREFIX}CONFIG)"
+    )
+    for opt in _OPTIONS:
+        default = getattr(defaults, opt.attr)
+        shown = "" if default is None or opt.metavar is None else f"; default {default}"
+        help_text = f"{opt.help} (env {opt.env}{shown})"
+        if opt.metavar is None:
+            parser.add_argument(f"--{opt.flag}", action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(f"--{opt.flag}", metavar=opt.metavar, help=help_text)
+    return parser
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SettingsError(f"--config {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path} must hold a mapping of settings")
+    known = {opt.flag for opt in _OPTIONS}
+    values: dict[str, object] = {}
+    for key, value in data.items():
+        flag = str(key).replace("_", "-")
+        if flag not in known:
+            raise SettingsError(f"--config {path}: unknown setting {key!r}")
+        if value is not None:
+            values[flag] = value
+    return values
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from `argv` (without the program name) and `environ`."""
+    environ = os.environ if environ is None else environ
+    args = vars(_parser().parse_args(list(argv)))
+    config_file = args.get("config") or environ.get(f"{ENV_PREFIX}CONFIG")
+    from_file = _read_file(Path(config_file)) if config_file else {}
+
+    values: dict[str, Any] = {}
+    for opt in _OPTIONS:
+        if opt.attr in args:
+            raw, source = args[opt.attr], f"--{opt.flag}"
+        elif opt.flag in from_file:
+            raw, source = from_file[opt.flag], f"{opt.flag} in {config_file}"
+        elif opt.env in environ:
+            raw, source = environ[opt.env], opt.env
+        else:
+            continue
+        try:
+            values[opt.attr] = opt.parse(raw)
+        except ValueError as exc:
+            shown = "***" if opt.attr == "auth_password" else repr(raw)
+            raise SettingsError(f"{source}: {shown} {exc}") from None
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if s.config_branch != "master":
+        raise SettingsError(
+            f"--config-branch {s.config_branch}: pulsar has no branch option, so only the "
+            "default branch (master) can be used until pulsar-rest manages the repository"
+        )
+    if s.auth_username or s.auth_password:
+        raise SettingsError(
+            "--auth-username/--auth-password: authentication is not available in this "
+            "version yet; start without them (and keep the service on a trusted network)"
+        )
+    if s.auth_provider != "github":
+        raise SettingsError(f"--auth-provider {s.auth_provider}: the only provider is github")
+    if s.auth_method != "user":
+        raise SettingsError(f"--auth-method {s.auth_method}: the only method is user")
+    if not s.ssl_pfx and bool(s.ssl_key) != bool(s.ssl_cert):
+        raise SettingsError("--ssl-key and --ssl-cert go together (or use --ssl-pfx)")
+    if s.ssl_passphrase and not s.tls:
+        raise SettingsError("--ssl-passphrase needs --ssl-key/--ssl-cert or --ssl-pfx")

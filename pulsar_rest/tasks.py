@@ -1,0 +1,83 @@
+"""The task: what was asked, its state machine and its timings. Knows nothing of HTTP or processes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pulsar_rest.output import OutputLog
+
+
+class TaskStatus(enum.StrEnum):
+    CREATED = "created"  # recorded; its process is not started yet
+    RUNNING = "running"  # its process was started and has not ended
+    FINISHED = "finished"  # exited 0 and pulsar did not report a failure
+    FAILED = "failed"  # non-zero exit, pulsar's failure line, or the process could not start
+    KILLED = "killed"  # stopped on request
+
+    @property
+    def ended(self) -> bool:
+        return self in _ENDED
+
+
+_ENDED = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED})
+
+# The only moves a task may make; anything else is a bug and raises.
+_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.CREATED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.KILLED}),
+    TaskStatus.RUNNING: frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED}),
+    TaskStatus.FINISHED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.KILLED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(eq=False)
+class Task:
+    id: int
+    app: str
+    env: str
+    action: str
+    command: list[str]
+    created_at: datetime = field(default_factory=utcnow)
+    status: TaskStatus = TaskStatus.CREATED
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    # Name of the signal that ended the process (e.g. "SIGKILL"), when one did.
+    signal: str | None = None
+    output: OutputLog = field(default_factory=OutputLog)
+
+    def start(self, pid: int, now: datetime | None = None) -> None:
+        self._move(TaskStatus.RUNNING)
+        self.pid = pid
+        self.started_at = now or utcnow()
+
+    def end(
+        self,
+        status: TaskStatus,
+        exit_code: int | None = None,
+        signal: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        if not status.ended:
+            raise InvalidTransition(f"task {self.id}: {status} is not an end state")
+        self._move(status)
+        self.exit_code = exit_code
+        self.signal = signal
+        self.finished_at = now or utcnow()
+
+    def _move(self, new: TaskStatus) -> None:
+        if new not in _TRANSITIONS[self.status]:
+            raise InvalidTransition(f"task {self.id}: {self.status} -> {new} is not allowed")
+        self.status = new

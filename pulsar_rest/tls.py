@@ -1,0 +1,87 @@
+"""The server's TLS context, from PEM files or a PKCS#12 bundle, with a passphrase file."""
+
+from __future__ import annotations
+
+import secrets
+import ssl
+import tempfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from pulsar_rest.settings import Settings
+
+_MIN_VERSION = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TLSError(ValueError):
+    """The TLS files cannot be used: the message is one line for the user."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TLSError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _passphrase(settings: Settings) -> bytes | None:
+    if settings.ssl_passphrase is None:
+        return None
+    # A file written by an editor or `echo` ends with a newline that is not part of it.
+    return _read(settings.ssl_passphrase, "--ssl-passphrase").rstrip(b"\r\n")
+
+
+def _no_prompt() -> bytes:
+    # Without a callback, OpenSSL would prompt on the terminal for an encrypted key.
+    raise TLSError("the private key is encrypted: give its passphrase with --ssl-passphrase")
+
+
+def server_context(settings: Settings) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _MIN_VERSION[settings.ssl_min_version]
+    passphrase = _passphrase(settings)
+    if settings.ssl_pfx is not None:
+        _load_pfx(ctx, settings.ssl_pfx, passphrase)
+    else:
+        assert settings.ssl_key is not None and settings.ssl_cert is not None
+        for path, what in ((settings.ssl_key, "--ssl-key"), (settings.ssl_cert, "--ssl-cert")):
+            _read(path, what)  # a clear error for a missing or unreadable file
+        try:
+            ctx.load_cert_chain(settings.ssl_cert, settings.ssl_key, password=passphrase or _no_prompt)
+        except ssl.SSLError as exc:
+            raise TLSError(
+                f"--ssl-key/--ssl-cert: cannot load them ({exc.reason or exc}): a wrong "
+                "passphrase, a key that does not match the certificate, or not PEM files"
+            ) from None
+    return ctx
+
+
+def _load_pfx(ctx: ssl.SSLContext, path: Path, passphrase: bytes | None) -> None:
+    try:
+        key, cert, chain = pkcs12.load_key_and_certificates(_read(path, "--ssl-pfx"), passphrase)
+    except ValueError:
+        raise TLSError(
+            f"--ssl-pfx {path}: cannot open it: a wrong or missing passphrase, or not PKCS#12"
+        ) from None
+    if key is None or cert is None:
+        raise TLSError(f"--ssl-pfx {path}: it must hold a private key and its certificate")
+    # The ssl module loads keys from files only. The key goes to a private temporary file,
+    # encrypted with a one-time password, in a 0700 directory removed at once.
+    password = secrets.token_bytes(32)
+    with tempfile.TemporaryDirectory(prefix="pulsar-rest-tls-") as tmp:
+        key_file, cert_file = Path(tmp, "key.pem"), Path(tmp, "cert.pem")
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(password),
+            )
+        )
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
+        cert_file.write_bytes(pem)
+        try:
+            ctx.load_cert_chain(cert_file, key_file, password=password)
+        except ssl.SSLError as exc:
+            raise TLSError(f"--ssl-pfx {path}: cannot use it ({exc.reason or exc})") from None

@@ -1,0 +1,13 @@
+"""Typed keys of everything the application holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pulsar_rest.events import EventBus
+from pulsar_rest.service import TaskService
+from pulsar_rest.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+BUS = web.AppKey("bus", EventBus)
+SERVICE = web.AppKey("service", TaskService)

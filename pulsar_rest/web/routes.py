@@ -1,0 +1,23 @@
+"""The URL map: the documented API of the original service, then the catch-all create."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pulsar_rest.web import views
+
+TASK = r"/task/{id:\d+}"
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/", views.index)
+    app.router.add_get("/pulsar/index.html", views.old_index)  # the original's page URL
+    app.router.add_get("/tasks", views.list_tasks)
+    app.router.add_get("/tasks/created", views.tasks_created)
+    app.router.add_get(TASK, views.get_task)
+    app.router.add_get(TASK + "/output", views.task_output)
+    app.router.add_get(TASK + "/state", views.task_state)
+    app.router.add_get(TASK + "/kill", views.kill_task)  # the documented form
+    app.router.add_post(TASK + "/kill", views.kill_task)
+    # Last: it matches any two-segment path.
+    app.router.add_post("/{app}/{env}", views.create_task)

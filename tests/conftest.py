@@ -1,0 +1,130 @@
+"""Shared fixtures: the real app factory with the fake pulsar, and condition waits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from pulsar_rest.settings import Settings
+from pulsar_rest.web.app import create_app
+from pulsar_rest.web.keys import BUS
+
+FAKE_PULSAR = Path(__file__).with_name("fake_pulsar.py")
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+def gates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The directory where the fake pulsar looks for gate files (inherited by tasks)."""
+    path = tmp_path / "gates"
+    path.mkdir()
+    monkeypatch.setenv("FAKE_PULSAR_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def pulsar_bin(tmp_path: Path) -> str:
+    """An executable that runs the fake pulsar with this interpreter."""
+    wrapper = tmp_path / "pulsar"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_PULSAR}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return str(wrapper)
+
+
+@pytest.fixture
+def settings(pulsar_bin: str, gates: Path) -> Settings:
+    return Settings(pulsar_bin=pulsar_bin, kill_grace=0.5, long_poll_timeout=10)
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: ClientFactory, settings: Settings) -> ClientFactory:
+    """A client of a fresh app; keyword arguments override settings."""
+
+    async def make(**overrides: Any) -> Client:
+        return await aiohttp_client(create_app(replace(settings, **overrides)))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> Client:
+    return await make_client()
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait until `predicate()` holds, failing after `timeout`: a condition, not a clock."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def create(client: Client, action: str, app: str = "app", env: str = "prod") -> dict[str, Any]:
+    resp = await client.post(f"/{app}/{env}", json={"action": action})
+    assert resp.status == 200, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body["task"]
+
+
+async def follow(
+    client: Client, task_id: int, until: Callable[[dict[str, Any]], bool], timeout: float = 15.0
+) -> dict[str, Any]:
+    """Long-poll the task's output until `until(task)` holds: event-driven, with a deadline."""
+    async with asyncio.timeout(timeout):
+        task: dict[str, Any] = await (await client.get(f"/task/{task_id}")).json()
+        while not until(task):
+            resp = await client.get(f"/task/{task_id}/output", params={"timeout": "5"})
+            assert resp.status == 200
+            answer = await resp.json()
+            if answer["changed"]:
+                task = answer["task"]
+        return task
+
+
+async def finished(client: Client, task_id: int) -> dict[str, Any]:
+    return await follow(client, task_id, lambda t: t["status"] not in ("created", "running"))
+
+
+def release(gates: Path, name: str) -> None:
+    (gates / name).touch()
+
+
+def waiters(client: Client) -> int:
+    return client.app[BUS].waiter_count if client.app else -1
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children() -> Iterator[None]:
+    """Every test leaves no process of its own behind."""
+    yield
+    me = psutil.Process(os.getpid())
+    left = [p for p in me.children(recursive=True) if alive(p.pid)]
+    for proc in left:
+        proc.kill()
+    assert not left, f"processes left behind: {left}"
+
+

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""A stand-in for pulsar v1 in tests and demos: `fake_pulsar.py task APP ENV ACTION [...]`.
+
+The task name picks the behaviour, with rake-style arguments: `gate[name]` waits for the
+file $FAKE_PULSAR_DIR/name, `lines[100]` prints 100 lines, and so on (see BEHAVIOURS).
+Only the standard library: it runs under any python3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OUT = sys.stdout
+
+
+def say(text: str) -> None:
+    OUT.write(text + "\n")
+    OUT.flush()
+
+
+def gate(name: str) -> None:
+    """Block until the test creates the gate file: the test, not a clock, sets the pace."""
+    path = Path(os.environ.get("FAKE_PULSAR_DIR", "."), name)
+    while not path.exists():
+        time.sleep(0.005)
+
+
+def sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def ok(app: str, env: str, action: str, args: list[str]) -> int:
+    say(f"Running {action} for {app} on {env}")
+    say(f"Executed task {action} for {app} on {env}!")
+    return 0
+
+
+def deploy(app: str, env: str, action: str, args: list[str]) -> int:
+    """The demo: a deploy that shows progress for a few seconds."""
+    steps = ["checking out the code", "installing dependencies", "migrating", "restarting"]
+    for step in steps:
+        say(f"{app}/{env}: {step}...")
+        time.sleep(float(args[0]) if args else 0.8)
+    say(f"Deployed {app} on {env}!")
+    return 0
+
+
+def fail(app: str, env: str, action: str, args: list[str]) -> int:
+    print("cap aborted: something broke", file=sys.stderr, flush=True)
+    return int(args[0]) if args else 3
+
+
+def pulsar_fail(app: str, env: str, action: str, args: list[str]) -> int:
+    say("cap output before the failure")
+    say(f"\x1b[31mFailed to execute task {action} for {app} on {env}.\x1b[0m")
+    say("SSHKit::Runner::ExecuteError: Exception while executing on host local")
+    return 0  # pulsar v1 exits 0 even when the task failed
+
+
+def gated(app: str, env: str, action: str, args: list[str]) -> int:
+    for name in args:
+        say(f"waiting for {name}")
+        gate(name)
+        say(f"passed {name}")
+    return ok(app, env, action, args)
+
+
+def lines(app: str, env: str, action: str, args: list[str]) -> int:
+    count = int(args[0])
+    OUT.write("".join(f"line {i}\n" for i in range(1, count + 1)))
+    OUT.flush()
+    return ok(app, env, action, args)
+
+
+def interleave(app: str, env: str, action: str, args: list[str]) -> int:
+    """stdout and stderr in turns: merged at the pipe, their order is kept."""
+    for i in range(1, 21):
+        stream = sys.stdout if i % 2 else sys.stderr
+        stream.write(f"{'out' if i % 2 else 'err'} {i}\n")
+        stream.flush()
+    return 0
+
+
+def utf8(app: str, env: str, action: str, args: list[str]) -> int:
+    """A character split across two writes (with a gate between), then bytes that are not UTF-8."""
+    raw = sys.stdout.buffer
+    raw.write("start ".encode() + "é".encode()[:1])
+    raw.flush()
+    gate(args[0])
+    raw.write("é".encode()[1:] + b" end\n" + b"bad \xff\xfe bytes\n")
+    raw.write("€".encode()[:2])  # cut short by the exit
+    raw.flush()
+    return 0
+
+
+def show_args(app: str, env: str, action: str, args: list[str]) -> int:
+    say(json.dumps(sys.argv[1:]))
+    return 0
+
+
+def _child_ignoring_term(pid_file: str, new_session: bool) -> subprocess.Popen[bytes]:
+    code = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({pid_file!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"os.rename({pid_file!r} + '.tmp', {pid_file!r})\n"
+        "while True: time.sleep(3600)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=new_session,
+        stdout=subprocess.DEVNULL if new_session else None,
+    )
+
+
+def grandchild(app: str, env: str, action: str, args: list[str]) -> int:
+    """A child that ignores SIGTERM, in the task's process group; the parent waits forever."""
+    pid_file = str(Path(os.environ.get("FAKE_PULSAR_DIR", "."), args[0]))
+    _child_ignoring_term(pid_file, new_session=False)
+    while not Path(pid_file).exists():
+        time.sleep(0.005)
+    say(f"grandchild {Path(pid_file).read_text()}")
+    sleep_forever()
+    return 0
+
+
+def escape(app: str, env: str, action: str, args: list[str]) -> int:
+    """A daemon that leaves the process group, ignores SIGTERM, and outlives its parent."""
+    pid_file = str(Path(os.environ.get("FAKE_PULSAR_DIR", "."), args[0]))
+    _child_ignoring_term(pid_file, new_session=True)
+    while not Path(pid_file).exists():
+        time.sleep(0.005)
+    say(f"daemon {Path(pid_file).read_text()}")
+    return 0
+
+
+def hang(app: str, env: str, action: str, args: list[str]) -> int:
+    say("hanging")
+    sleep_forever()
+    return 0
+
+
+def ignore_term(app: str, env: str, action: str, args: list[str]) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    say("ignoring SIGTERM")
+    sleep_forever()
+    return 0
+
+
+BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
+    "ok": ok,
+    "deploy": deploy,
+    "fail": fail,
+    "pulsar-fail": pulsar_fail,
+    "gate": gated,
+    "lines": lines,
+    "interleave": interleave,
+    "utf8": utf8,
+    "args": show_args,
+    "grandchild": grandchild,
+    "escape": escape,
+    "hang": hang,
+    "ignore-term": ignore_term,
+}
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if len(argv) < 4 or argv[0] != "task":
+        print("usage: fake_pulsar.py task APP ENV TASK [--conf-repo REPO]", file=sys.stderr)
+        return 64
+    app, env, action = argv[1:4]
+    match = re.fullmatch(r"([^\[]+)(?:\[(.*)\])?", action)
+    assert match is not None
+    name, raw_args = match.group(1), match.group(2)
+    args = raw_args.split(",") if raw_args else []
+    behaviour = BEHAVIOURS.get(name.split(":")[-1])
+    if behaviour is None:
+        print(f"fake pulsar: no task {name}", file=sys.stderr)
+        return 1
+    return behaviour(app, env, action, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

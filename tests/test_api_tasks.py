@@ -1,0 +1,146 @@
+"""Create, read and list tasks: the documented shapes, the command line, the outcome."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Client, create, finished, follow, release
+
+
+async def test_create_answers_task_id_location_and_runs_pulsar(client: Client) -> None:
+    resp = await client.post("/shop/production", json={"action": "ok"})
+    assert resp.status == 200
+    body = await resp.json()
+    task_id = body["taskId"]
+    assert isinstance(task_id, int)
+    assert resp.headers["Location"].endswith(f"/task/{task_id}")
+    assert body["task"]["status"] == "running"
+    assert body["task"]["pid"] > 0
+
+    task = await finished(client, task_id)
+    assert task["status"] == "finished"
+    assert task["exitCode"] == 0
+    assert task["output"] == "Running ok for shop on production\nExecuted task ok for shop on production!\n"
+    assert set(task) >= {
+        "id", "status", "app", "env", "action", "exitCode", "output", "pid",
+        "command", "createdAt", "startedAt", "finishedAt",
+    }  # fmt: skip
+    assert (task["app"], task["env"], task["action"]) == ("shop", "production", "ok")
+    assert task["createdAt"] <= task["startedAt"] <= task["finishedAt"]
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["json-action", "json-task", "form-action", "form-task", "query-action", "query-task"],
+)
+async def test_task_name_from_json_form_or_query(client: Client, how: str) -> None:
+    where, key = how.split("-")
+    if where == "json":
+        resp = await client.post("/shop/staging", json={key: "args[x]"})
+    elif where == "form":
+        resp = await client.post("/shop/staging", data={key: "args[x]"})
+    else:
+        resp = await client.post("/shop/staging", params={key: "args[x]"})
+    assert resp.status == 200, await resp.text()
+    task = await finished(client, (await resp.json())["taskId"])
+    assert task["action"] == "args[x]"
+
+
+async def test_command_is_an_argv_list_with_conf_repo(make_client, pulsar_bin: str) -> None:  # type: ignore[no-untyped-def]
+    client = await make_client(config_repo="https://deployer:s3cret@git.example/conf.git")
+    task = await finished(client, (await create(client, "args[a,b=c/d@e+f]"))["id"])
+    argv = json.loads(task["output"].splitlines()[0])
+    # Each piece arrives whole, uninterpreted by any shell, with the secret intact...
+    assert argv == [
+        "task", "app", "prod", "args[a,b=c/d@e+f]",
+        "--conf-repo", "https://deployer:s3cret@git.example/conf.git",
+    ]  # fmt: skip
+    # ...but the secret is never shown.
+    assert task["command"] == [
+        pulsar_bin, "task", "app", "prod", "args[a,b=c/d@e+f]",
+        "--conf-repo", "https://deployer:***@git.example/conf.git",
+    ]  # fmt: skip
+
+
+async def test_without_conf_repo_no_flag_is_passed(client: Client) -> None:
+    task = await finished(client, (await create(client, "args"))["id"])
+    assert json.loads(task["output"].splitlines()[0]) == ["task", "app", "prod", "args"]
+
+
+async def test_non_zero_exit_is_failed(client: Client) -> None:
+    task = await finished(client, (await create(client, "fail[7]"))["id"])
+    assert task["status"] == "failed"
+    assert task["exitCode"] == 7
+    assert "cap aborted" in task["output"]
+
+
+async def test_pulsar_failure_line_with_exit_zero_is_failed(client: Client) -> None:
+    task = await finished(client, (await create(client, "pulsar-fail"))["id"])
+    assert task["exitCode"] == 0
+    assert task["status"] == "failed"
+
+
+async def test_missing_pulsar_executable_fails_the_task_clearly(make_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = await make_client(pulsar_bin=str(tmp_path / "no-such-pulsar"))
+    resp = await client.post("/shop/prod", json={"action": "deploy"})
+    assert resp.status == 200
+    task = (await resp.json())["task"]
+    assert task["status"] == "failed"
+    assert task["pid"] is None
+    assert "cannot start" in task["output"] and "no-such-pulsar" in task["output"]
+
+
+async def test_list_tasks_documented_shape(client: Client) -> None:
+    first = await create(client, "ok")
+    second = await create(client, "ok", app="blog", env="staging")
+    resp = await client.get("/tasks")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["url"] == str(client.make_url("/"))
+    assert list(body["tasks"]) == [str(first["id"]), str(second["id"])]
+    assert body["tasks"][str(second["id"])]["app"] == "blog"
+
+
+async def test_ids_are_unique_and_increasing(client: Client) -> None:
+    ids = [(await create(client, "ok"))["id"] for _ in range(30)]
+    assert ids == sorted(set(ids))
+    for task_id in ids:
+        await finished(client, task_id)
+
+
+async def test_output_merges_stdout_and_stderr_in_order(client: Client) -> None:
+    task = await finished(client, (await create(client, "interleave"))["id"])
+    expected = "".join(f"{'out' if i % 2 else 'err'} {i}\n" for i in range(1, 21))
+    assert task["output"] == expected
+
+
+async def test_last_lines_after_exit_are_kept(client: Client) -> None:
+    task = await finished(client, (await create(client, "lines[20000]"))["id"])
+    lines = task["output"].splitlines()
+    assert lines[0] == "line 1"
+    assert lines[19999] == "line 20000"
+    assert lines[-1] == "Executed task lines[20000] for app on prod!"
+
+
+async def test_utf8_split_across_reads_and_invalid_bytes(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "utf8[cut]"))["id"]
+    # The first read ends in the middle of "é": nothing of it may show yet.
+    task = await follow(client, task_id, lambda t: t["output"].startswith("start"))
+    assert task["output"] == "start "
+    release(gates, "cut")
+    task = await finished(client, task_id)
+    assert task["output"] == "start é end\nbad \ufffd\ufffd bytes\n\ufffd"
+
+
+async def test_running_task_shows_output_so_far(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "gate[one]"))["id"]
+    task = await follow(client, task_id, lambda t: "waiting for one" in t["output"])
+    assert task["status"] == "running"
+    assert task["finishedAt"] is None and task["exitCode"] is None
+    release(gates, "one")
+    task = await finished(client, task_id)
+    assert task["status"] == "finished"
+    assert task["output"].endswith("passed one\nRunning gate[one] for app on prod\nExecuted task gate[one] for app on prod!\n")
