@@ -64,9 +64,7 @@ async def client(make_client: ClientFactory) -> Client:
     return await make_client()
 
 
-async def eventually(
-    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
-) -> None:
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Wait until `predicate()` holds, failing after `timeout`: a condition, not a clock."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -79,8 +77,8 @@ async def eventually(
 async def create(client: Client, action: str, app: str = "app", env: str = "prod") -> dict[str, Any]:
     resp = await client.post(f"/{app}/{env}", json={"action": action})
     assert resp.status == 200, await resp.text()
-    body: dict[str, Any] = await resp.json()
-    return body["task"]
+    task: dict[str, Any] = (await resp.json())["task"]
+    return task
 
 
 async def follow(
@@ -126,5 +124,3 @@ def no_leftover_children() -> Iterator[None]:
     for proc in left:
         proc.kill()
     assert not left, f"processes left behind: {left}"
-
-

@@ -93,7 +93,7 @@ def interleave(app: str, env: str, action: str, args: list[str]) -> int:
 def utf8(app: str, env: str, action: str, args: list[str]) -> int:
     """A character split across two writes (with a gate between), then bytes that are not UTF-8."""
     raw = sys.stdout.buffer
-    raw.write("start ".encode() + "é".encode()[:1])
+    raw.write(b"start " + "é".encode()[:1])
     raw.flush()
     gate(args[0])
     raw.write("é".encode()[1:] + b" end\n" + b"bad \xff\xfe bytes\n")

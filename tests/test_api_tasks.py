@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Client, create, finished, follow, release
+from tests.conftest import Client, ClientFactory, create, finished, follow, release
 
 
 async def test_create_answers_task_id_location_and_runs_pulsar(client: Client) -> None:
@@ -49,7 +49,7 @@ async def test_task_name_from_json_form_or_query(client: Client, how: str) -> No
     assert task["action"] == "args[x]"
 
 
-async def test_command_is_an_argv_list_with_conf_repo(make_client, pulsar_bin: str) -> None:  # type: ignore[no-untyped-def]
+async def test_command_is_an_argv_list_with_conf_repo(make_client: ClientFactory, pulsar_bin: str) -> None:
     client = await make_client(config_repo="https://deployer:s3cret@git.example/conf.git")
     task = await finished(client, (await create(client, "args[a,b=c/d@e+f]"))["id"])
     argv = json.loads(task["output"].splitlines()[0])
@@ -83,7 +83,9 @@ async def test_pulsar_failure_line_with_exit_zero_is_failed(client: Client) -> N
     assert task["status"] == "failed"
 
 
-async def test_missing_pulsar_executable_fails_the_task_clearly(make_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_missing_pulsar_executable_fails_the_task_clearly(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
     client = await make_client(pulsar_bin=str(tmp_path / "no-such-pulsar"))
     resp = await client.post("/shop/prod", json={"action": "deploy"})
     assert resp.status == 200
@@ -143,4 +145,6 @@ async def test_running_task_shows_output_so_far(client: Client, gates: Path) -> 
     release(gates, "one")
     task = await finished(client, task_id)
     assert task["status"] == "finished"
-    assert task["output"].endswith("passed one\nRunning gate[one] for app on prod\nExecuted task gate[one] for app on prod!\n")
+    assert task["output"].endswith(
+        "passed one\nRunning gate[one] for app on prod\nExecuted task gate[one] for app on prod!\n"
+    )
