@@ -6,12 +6,11 @@ from aiohttp import web
 
 from pulsar_rest.web import views
 
-TASK = r"/task/{id:\d+}"
+TASK = "/task/{id}"
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", views.index)
-    app.router.add_get("/pulsar/index.html", views.old_index)  # the original's page URL
     app.router.add_get("/tasks", views.list_tasks)
     app.router.add_get("/tasks/created", views.tasks_created)
     app.router.add_get(TASK, views.get_task)
@@ -19,5 +18,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(TASK + "/state", views.task_state)
     app.router.add_get(TASK + "/kill", views.kill_task)  # the documented form
     app.router.add_post(TASK + "/kill", views.kill_task)
-    # Last: it matches any two-segment path.
+    # Last: it matches any two-segment path. An app named like the first segment of a
+    # route above ("task", "tasks") is refused, so POST /task/12 is no deploy of app "task".
     app.router.add_post("/{app}/{env}", views.create_task)

@@ -44,8 +44,10 @@ def task_json(task: Task) -> dict[str, Any]:
 
 
 def _task_id(request: web.Request) -> int:
-    # The route only matches digits.
-    return int(request.match_info["id"])
+    raw = request.match_info["id"]
+    if not raw.isascii() or not raw.isdigit():
+        raise ApiError(404, f"no task with id {raw[:40]!r}")
+    return int(raw)
 
 
 def _url(request: web.Request, path: str) -> str:
@@ -75,10 +77,6 @@ def _changed(task: Task | None) -> web.Response:
 
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
-
-
-async def old_index(request: web.Request) -> web.Response:
-    raise web.HTTPFound("/")
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -144,10 +142,13 @@ async def create_task(request: web.Request) -> web.Response:
 
 
 async def _refuse_route_clash(request: web.Request) -> None:
-    # POST /task/12 would otherwise match /{app}/{env} and start app "task": a path that
-    # belongs to another route answers 405, as it would without this catch-all.
-    match = await request.app.router.resolve(request.clone(method="GET"))
-    if match.http_exception is None:
+    app = request.match_info["app"]
+    reserved = {
+        resource.canonical.split("/")[1]
+        for resource in request.app.router.resources()
+        if resource.canonical.count("/") >= 2 and not resource.canonical.startswith("/{")
+    }
+    if app in reserved:
         raise ApiError(405, f"method POST is not allowed on {request.path}", {"Allow": "GET"})
 
 

@@ -1,0 +1,147 @@
+"""Every error, whatever its cause, is JSON in one envelope; no request makes a 500."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pulsar_rest import __version__
+from pulsar_rest.settings import Settings
+from pulsar_rest.web.app import MAX_BODY, create_app
+from tests.conftest import Client, ClientFactory, create, finished
+
+
+def assert_envelope(body: dict[str, Any], status: int) -> None:
+    assert set(body) == {"ok", "version", "error"}
+    assert body["ok"] is False
+    assert body["version"] == {
+        "pulsar-rest": __version__,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+    }
+    assert set(body["error"]) == {"status", "message", "traceback"}
+    assert body["error"]["status"] == status
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["traceback"] is None
+
+
+# (method, path, keyword arguments of the request, expected status, words in the message)
+CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
+    ("GET", "/no/such/route", {}, 404, "no such resource"),
+    ("GET", "/task/abc", {}, 404, "no task with id 'abc'"),
+    ("GET", "/task/abc/output", {}, 404, "no task with id 'abc'"),
+    ("POST", "/task/abc", {"json": {"action": "ok"}}, 405, "not allowed"),
+    ("GET", "/task/4242", {}, 404, "no task with id 4242"),
+    ("GET", "/task/4242/output", {}, 404, "no task with id 4242"),
+    ("GET", "/task/4242/state", {}, 404, "no task with id 4242"),
+    ("POST", "/task/4242/kill", {}, 404, "no task with id 4242"),
+    ("PUT", "/tasks", {}, 405, "not allowed"),
+    ("DELETE", "/task/1", {}, 405, "not allowed"),
+    ("POST", "/task/1", {"json": {"action": "ok"}}, 405, "not allowed"),
+    ("POST", "/tasks/created", {"json": {"action": "ok"}}, 405, "not allowed"),
+    ("GET", "/shop/prod", {}, 405, "not allowed"),
+    ("POST", "/shop/prod", {}, 400, "missing task name"),
+    ("POST", "/shop/prod", {"json": {"action": ""}}, 400, "invalid task name"),
+    ("POST", "/shop/prod", {"json": {"action": "deploy", "task": "other"}}, 400, "send one"),
+    ("POST", "/shop/prod", {"json": {"action": 5}}, 400, "must be a string"),
+    ("POST", "/shop/prod", {"json": ["deploy"]}, 400, "must be an object"),
+    ("POST", "/shop/prod", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400,
+     "invalid JSON"),
+    ("POST", "/shop/prod", {"data": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400,
+     "invalid JSON"),
+    ("POST", "/shop/prod", {"data": "deploy", "headers": {"Content-Type": "text/plain"}}, 415,
+     "unsupported body"),
+    ("POST", "/shop/prod", {"data": {"action": "x" * (MAX_BODY + 1)}}, 413, "body"),
+    ("POST", "/shop/prod", {"json": {"action": "-rf"}}, 400, "invalid task name"),
+    ("POST", "/shop/prod", {"json": {"action": "deploy;id"}}, 400, "invalid task name"),
+    ("POST", "/shop/prod", {"json": {"action": "deploy[$(id)]"}}, 400, "invalid task name"),
+    ("POST", "/shop/prod", {"json": {"action": "a b"}}, 400, "invalid task name"),
+    ("POST", "/shop/prod", {"json": {"action": "x" * 300}}, 400, "invalid task name"),
+    ("POST", "/.hidden/prod", {"json": {"action": "deploy"}}, 400, "invalid app name"),
+    ("POST", "/shop/-prod", {"json": {"action": "deploy"}}, 400, "invalid environment name"),
+    ("POST", "/sh%20op/prod", {"json": {"action": "deploy"}}, 400, "invalid app name"),
+    ("POST", "/shop/pr..od", {"json": {"action": "deploy"}}, 400, "invalid environment name"),
+    ("POST", "/sh%2Fop/prod", {"json": {"action": "deploy"}}, 400, "invalid app name"),
+    ("GET", "/tasks/created?timeout=x", {}, 400, "timeout"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "words"), CASES)
+async def test_error_answers_use_the_envelope(
+    client: Client, method: str, path: str, kwargs: dict[str, Any], status: int, words: str
+) -> None:
+    resp = await client.request(method, path, **kwargs)
+    assert resp.status == status
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert_envelope(body, status)
+    assert words in body["error"]["message"]
+    if status == 405:
+        assert resp.headers["Allow"]
+
+
+async def test_every_route_answers_errors_in_the_envelope(client: Client) -> None:
+    """Walk the route table: each route, with an unknown task id or a wrong method."""
+    assert client.app is not None
+    seen = 0
+    for resource in client.app.router.resources():
+        path = resource.canonical.replace("{id}", "9999").replace("{app}", "a").replace("{env}", "b")
+        for route in resource:
+            if route.method == "HEAD":
+                continue  # no body to check
+            # A wrong method on the route's path, and the route itself with an unknown id.
+            wrong = "PATCH"
+            resp = await client.request(wrong, path)
+            assert resp.status == 405, path
+            assert_envelope(await resp.json(), 405)
+            if "9999" in path:
+                resp = await client.request(route.method, path)
+                assert resp.status == 404, (route.method, path)
+                assert_envelope(await resp.json(), 404)
+            seen += 1
+    assert seen == 9  # every route of the API, HEAD aside
+
+
+async def test_no_tasks_were_created_by_bad_requests(client: Client) -> None:
+    for method, path, kwargs, _, _ in CASES:
+        await client.request(method, path, **kwargs)
+    assert (await (await client.get("/tasks")).json())["tasks"] == {}
+
+
+async def test_kill_of_finished_task_envelope(client: Client) -> None:
+    task = await finished(client, (await create(client, "ok"))["id"])
+    resp = await client.get(f"/task/{task['id']}/kill")
+    assert_envelope(await resp.json(), 409)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+async def test_unexpected_error_is_a_500_envelope_with_traceback_only_in_debug(
+    debug: bool, aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    app = create_app(replace(settings, debug=debug))
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app.router.add_get("/broken", broken)
+    client = await aiohttp_client(app)
+    resp = await client.get("/broken")
+    assert resp.status == 500
+    body = await resp.json()
+    assert body["error"]["message"] == "internal error: see the server log"
+    if debug:
+        assert "RuntimeError: a bug" in body["error"]["traceback"]
+    else:
+        assert body["error"]["traceback"] is None
+
+
+async def test_index_page(client: Client) -> None:
+    resp = await client.get("/")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert "<title>pulsar-rest</title>" in await resp.text()

@@ -1,0 +1,88 @@
+"""Kill: the whole process tree goes, whatever it does with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Client, ClientFactory, alive, create, eventually, finished, follow
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_kill_running_task(client: Client, method: str) -> None:
+    task = await create(client, "hang")
+    await follow(client, task["id"], lambda t: "hanging" in t["output"])
+    resp = await client.request(method, f"/task/{task['id']}/kill")
+    assert resp.status == 200
+    killed = await resp.json()
+    assert killed["status"] == "killed"
+    assert killed["signal"] == "SIGTERM"
+    assert killed["exitCode"] is None
+    assert killed["finishedAt"] is not None
+    assert not alive(task["pid"])
+
+
+async def test_kill_escalates_to_sigkill_after_the_grace(client: Client) -> None:
+    task = await create(client, "ignore-term")
+    await follow(client, task["id"], lambda t: "ignoring SIGTERM" in t["output"])
+    resp = await client.post(f"/task/{task['id']}/kill")
+    assert resp.status == 200
+    killed = await resp.json()
+    assert killed["status"] == "killed"
+    assert killed["signal"] == "SIGKILL"
+    assert not alive(task["pid"])
+
+
+async def test_kill_takes_the_grandchild_that_ignores_sigterm(client: Client) -> None:
+    task = await create(client, "grandchild[gc.pid]")
+    task = await follow(client, task["id"], lambda t: "grandchild" in t["output"])
+    grandchild = int(task["output"].split()[1])
+    assert psutil.Process(grandchild).ppid() == task["pid"]
+    assert (await client.get(f"/task/{task['id']}/kill")).status == 200
+    assert not alive(task["pid"])
+    assert not alive(grandchild)
+
+
+async def test_daemon_left_behind_is_stopped_with_its_task(client: Client, gates: Path) -> None:
+    # It left the process group and its parent exited: only the run's marker finds it.
+    task = await finished(client, (await create(client, "escape[daemon.pid]"))["id"])
+    assert task["status"] == "finished"
+    daemon = int(task["output"].split()[1])
+    assert not alive(daemon)
+
+
+async def test_kill_of_an_ended_task_is_a_409(client: Client) -> None:
+    task = await finished(client, (await create(client, "ok"))["id"])
+    resp = await client.post(f"/task/{task['id']}/kill")
+    assert resp.status == 409
+    body = await resp.json()
+    assert body["error"]["status"] == 409
+    assert "already ended" in body["error"]["message"]
+    assert (await (await client.get(f"/task/{task['id']}")).json())["status"] == "finished"
+
+
+async def test_kill_of_an_unknown_task_is_a_404(client: Client) -> None:
+    resp = await client.get("/task/999/kill")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["message"] == "no task with id 999"
+
+
+async def test_second_kill_while_stopping_answers_too(client: Client) -> None:
+    task = await create(client, "ignore-term")
+    await follow(client, task["id"], lambda t: "ignoring SIGTERM" in t["output"])
+    answers = await asyncio.gather(
+        client.post(f"/task/{task['id']}/kill"), client.post(f"/task/{task['id']}/kill")
+    )
+    assert [a.status for a in answers] == [200, 200]
+    assert [(await a.json())["status"] for a in answers] == ["killed", "killed"]
+
+
+async def test_server_shutdown_stops_running_tasks(make_client: ClientFactory) -> None:
+    client = await make_client()
+    task = await create(client, "ignore-term")
+    await follow(client, task["id"], lambda t: "ignoring SIGTERM" in t["output"])
+    await client.close()
+    await eventually(lambda: not alive(task["pid"]), what="the task's process to go")
