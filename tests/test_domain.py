@@ -1,0 +1,151 @@
+"""The pieces without HTTP: states, output decoding, events, names, pulsar's lines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pulsar_rest import pulsar
+from pulsar_rest.events import EventBus, EventKind, created_topic, state_topic, task_topic
+from pulsar_rest.names import InvalidName, check_action, check_name
+from pulsar_rest.output import OutputLog
+from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
+from tests.conftest import eventually
+
+
+def _task() -> Task:
+    return Task(id=1, app="a", env="e", action="t", command=["pulsar"])
+
+
+def test_task_moves_created_running_finished() -> None:
+    task = _task()
+    task.start(pid=42)
+    task.end(TaskStatus.FINISHED, exit_code=0)
+    assert (task.status, task.pid, task.exit_code) == (TaskStatus.FINISHED, 42, 0)
+    assert task.created_at <= task.started_at <= task.finished_at  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("end", [TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED])
+def test_an_ended_task_cannot_move(end: TaskStatus) -> None:
+    task = _task()
+    task.start(pid=1)
+    task.end(end)
+    with pytest.raises(InvalidTransition):
+        task.start(pid=2)
+    with pytest.raises(InvalidTransition):
+        task.end(TaskStatus.FAILED)
+
+
+def test_finished_needs_a_start_and_end_needs_an_end_state() -> None:
+    with pytest.raises(InvalidTransition):
+        _task().end(TaskStatus.FINISHED)
+    with pytest.raises(InvalidTransition):
+        _task().end(TaskStatus.RUNNING)
+    task = _task()
+    task.end(TaskStatus.KILLED)  # killed before its process started
+    assert task.status is TaskStatus.KILLED
+
+
+def test_output_decodes_across_chunks_and_replaces_bad_bytes() -> None:
+    out = OutputLog()
+    euro = "€".encode()
+    assert out.feed(b"a" + euro[:1]) == "a"
+    assert out.feed(euro[1:2]) == ""
+    assert out.feed(euro[2:] + b"\xff\n") == "€\ufffd\n"
+    assert out.feed(euro[:2]) == ""
+    assert out.close() == "\ufffd"
+    assert out.text() == "a€\ufffd\n\ufffd"
+
+
+def test_output_tail_lines() -> None:
+    out = OutputLog()
+    for i in range(1000):
+        out.feed(f"line {i}\n".encode())
+    assert out.tail_lines(3) == ["line 997", "line 998", "line 999"]
+    assert out.text().count("\n") == 1000
+
+
+async def test_bus_numbers_events_and_routes_topics() -> None:
+    bus = EventBus()
+    created = asyncio.create_task(bus.wait(created_topic(), 5))
+    output = asyncio.create_task(bus.wait(task_topic(7), 5))
+    state = asyncio.create_task(bus.wait(state_topic(7), 5))
+    await eventually(lambda: bus.waiter_count == 3)
+    first = bus.publish(EventKind.OUTPUT, 7)
+    assert (await output) == first
+    assert not state.done() and not created.done()
+    second = bus.publish(EventKind.CHANGED, 7)
+    assert (await state) == second and second.seq == first.seq + 1
+    third = bus.publish(EventKind.CREATED, 8)
+    assert (await created) == third
+    assert bus.waiter_count == 0 and bus.seq == 3
+
+
+async def test_bus_timeout_cancel_and_close_leave_no_waiter() -> None:
+    bus = EventBus()
+    assert await bus.wait("x", 0.01) is None
+    waiting = asyncio.create_task(bus.wait("x", 5))
+    await eventually(lambda: bus.waiter_count == 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert bus.waiter_count == 0
+    waiting = asyncio.create_task(bus.wait("x", 5))
+    await eventually(lambda: bus.waiter_count == 1)
+    bus.close()
+    assert await waiting is None
+    assert await bus.wait("x", 5) is None  # closed: answers at once
+    assert bus.waiter_count == 0
+
+
+@pytest.mark.parametrize("name", ["shop", "my-app_2", "a.b", "A1"])
+def test_good_names(name: str) -> None:
+    assert check_name("app", name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a..b", ".x", "-x", "a/b", "a b", "a\nb", "é", "x" * 101])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(InvalidName):
+        check_name("app", name)
+
+
+@pytest.mark.parametrize(
+    "action", ["deploy", "deploy:check", "db:migrate[1,2]", "task[a=b,c/d]", "x[]", "run_1.2"]
+)
+def test_good_actions(action: str) -> None:
+    assert check_action(action) == action
+
+
+@pytest.mark.parametrize(
+    "action",
+    ["", "-h", "--help", "a;b", "a b", "a|b", "$(id)", "`id`", "a[b]c", "a[b", "a[$x]", "a[~]", "a'b"],
+)
+def test_bad_actions(action: str) -> None:
+    with pytest.raises(InvalidName):
+        check_action(action)
+
+
+@pytest.mark.parametrize(
+    ("lines", "failed"),
+    [
+        (["Executed task deploy for a on e!"], False),
+        (["Deployed a on e!"], False),
+        (["Failed to execute task deploy for a on e.", "SSHKit::Error"], True),
+        (["Failed to deploy a on e.", "error line"], True),
+        (["\x1b[31mFailed to deploy a on e.\x1b[0m"], True),
+        (["Failed to deploy a on e.", "retrying", "Deployed a on e!"], False),
+        (["no verdict at all"], False),
+    ],
+)
+def test_pulsar_verdict(lines: list[str], failed: bool) -> None:
+    assert pulsar.reported_failure(lines) is failed
+
+
+def test_command_and_redaction() -> None:
+    assert pulsar.command("pulsar", "a", "e", "t", None) == ["pulsar", "task", "a", "e", "t"]
+    assert pulsar.command("p", "a", "e", "t", "r")[-2:] == ["--conf-repo", "r"]
+    assert pulsar.redact("https://u:tok@github.com/o/r.git") == "https://u:***@github.com/o/r.git"
+    assert pulsar.redact("https://tok@github.com/o/r.git") == "https://***@github.com/o/r.git"
+    for kept in ("git@github.com:o/r.git", "ssh://git@host/r", "/srv/conf", "user/repo"):
+        assert pulsar.redact(kept) == kept
