@@ -57,8 +57,13 @@ def configure_logging(settings: Settings) -> None:
 async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
     # handler_cancellation: a long-poll whose client went away is cancelled, which frees
     # its waiter at once instead of at its timeout.
+    # Signals are handled before "listening" is logged: a supervisor may signal at once.
+    stop = _stop_on_signals()
     runner = web.AppRunner(create_app(settings), handler_cancellation=True)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except OSError as exc:
+        raise StartupError(f"--data-dir {settings.data_dir}: {exc.strerror or exc}") from None
     try:
         site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         try:
@@ -71,7 +76,7 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
         for address in runner.addresses:
             host, port = address[:2]
             log.info("listening on %s://%s:%d/", scheme, _url_host(host), port)
-        await _until_stopped()
+        await stop.wait()
         log.info("stopping")
     finally:
         await runner.cleanup()
@@ -82,9 +87,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _until_stopped() -> None:
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import deque
 from dataclasses import dataclass
+
+# How many create/change events are kept for cursors (`since`, Last-Event-ID). Output
+# events are not kept: output is replayed from the log by byte offset.
+KEEP_EVENTS = 10_000
 
 
 class EventKind(enum.StrEnum):
@@ -39,19 +44,37 @@ def state_topic(task_id: int) -> str:
     return f"state:{task_id}"
 
 
+def changes_topic() -> str:
+    """Every creation and status change of every task."""
+    return "changes"
+
+
+def all_topic() -> str:
+    """Everything, output included."""
+    return "all"
+
+
 def _topics(event: Event) -> tuple[str, ...]:
     if event.kind is EventKind.CREATED:
-        return created_topic(), task_topic(event.task_id)
+        return created_topic(), task_topic(event.task_id), changes_topic(), all_topic()
     if event.kind is EventKind.CHANGED:
-        return task_topic(event.task_id), state_topic(event.task_id)
-    return (task_topic(event.task_id),)
+        return task_topic(event.task_id), state_topic(event.task_id), changes_topic(), all_topic()
+    return task_topic(event.task_id), all_topic()
+
+
+class CursorGone(LookupError):
+    """A cursor the server cannot answer: from the future, or older than what it keeps.
+    The client lists again and follows from the current cursor."""
 
 
 class EventBus:
     """Publishes numbered events and wakes whoever waits on their topics."""
 
-    def __init__(self) -> None:
-        self._seq = 0
+    def __init__(self, last_seq: int = 0, keep: int = KEEP_EVENTS) -> None:
+        self._seq = last_seq
+        # Cursors at or after this one can be answered from `_recent`.
+        self._horizon = last_seq
+        self._recent: deque[Event] = deque(maxlen=keep)
         self._waiters: dict[str, set[asyncio.Future[Event | None]]] = {}
         self._closed = False
 
@@ -61,17 +84,39 @@ class EventBus:
         return self._seq
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def waiter_count(self) -> int:
         return sum(len(waiters) for waiters in self._waiters.values())
 
     def publish(self, kind: EventKind, task_id: int) -> Event:
         self._seq += 1
         event = Event(self._seq, kind, task_id)
+        if kind is not EventKind.OUTPUT:
+            if len(self._recent) == self._recent.maxlen:
+                self._horizon = self._recent[0].seq
+            self._recent.append(event)
         for topic in _topics(event):
             for fut in self._waiters.pop(topic, ()):
                 if not fut.done():
                     fut.set_result(event)
         return event
+
+    def since(self, seq: int) -> list[Event]:
+        """The create and change events after `seq`, oldest first."""
+        if seq > self._seq:
+            raise CursorGone(f"cursor {seq} is ahead of the server's {self._seq}: list again")
+        if seq < self._horizon:
+            raise CursorGone(f"cursor {seq} is older than the events kept (from {self._horizon}): list again")
+        found: list[Event] = []
+        for event in reversed(self._recent):
+            if event.seq <= seq:
+                break
+            found.append(event)
+        found.reverse()
+        return found
 
     async def wait(self, topic: str, timeout: float) -> Event | None:
         """The next event on `topic`, or None when `timeout` passes or the bus closes."""

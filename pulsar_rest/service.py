@@ -63,15 +63,17 @@ class TaskService:
         check_name("environment", env)
         check_action(action)
         argv = pulsar.command(self._config.pulsar_bin, app, env, action, self._config.conf_repo)
+        task_id = self._store.next_id()
         task = Task(
-            id=self._store.next_id(),
+            id=task_id,
             app=app,
             env=env,
             action=action,
             command=[pulsar.redact(arg) for arg in argv],
+            output=self._store.new_output(task_id),
         )
         self._store.add(task)
-        self._bus.publish(EventKind.CREATED, task.id)
+        self._publish(task, EventKind.CREATED)
         log.info("task %d created: %s", task.id, " ".join(task.command))
         await asyncio.shield(self._own(self._start(task, argv)))
         return task
@@ -133,7 +135,7 @@ class TaskService:
             return
         task.start(child.pid)
         self._store.save(task)
-        self._bus.publish(EventKind.CHANGED, task.id)
+        self._publish(task, EventKind.CHANGED)
         log.info("task %d running, pid %d", task.id, child.pid)
         self._children[task.id] = child
         self._own(self._supervise(task, child))
@@ -142,7 +144,15 @@ class TaskService:
 
     def _output(self, task: Task, data: bytes) -> None:
         if task.output.feed(data):
-            self._bus.publish(EventKind.OUTPUT, task.id)
+            self._publish(task, EventKind.OUTPUT)
+
+    def _publish(self, task: Task, kind: EventKind) -> None:
+        event = self._bus.publish(kind, task.id)
+        task.seq = event.seq
+        if kind is EventKind.CREATED:
+            task.created_seq = event.seq
+        elif kind is EventKind.CHANGED:
+            task.state_seq = event.seq
 
     async def _supervise(self, task: Task, child: runner.ChildProcess) -> None:
         exit_status = runner.ExitStatus(None, None)
@@ -158,8 +168,6 @@ class TaskService:
         finally:
             child.close()
             del self._children[task.id]
-        if task.output.close():
-            self._bus.publish(EventKind.OUTPUT, task.id)
         if task.id in self._kill_requested:
             status = TaskStatus.KILLED
         elif exit_status.code != 0 or pulsar.reported_failure(task.output.tail_lines(pulsar.CLOSING_LINES)):
@@ -169,10 +177,12 @@ class TaskService:
         self._end(task, status, exit_status)
 
     def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
+        if task.output.close():
+            self._publish(task, EventKind.OUTPUT)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal)
         self._kill_requested.discard(task.id)
         self._store.save(task)
-        self._bus.publish(EventKind.CHANGED, task.id)
+        self._publish(task, EventKind.CHANGED)
         log.info(
             "task %d %s (exit code %s, signal %s)",
             task.id,

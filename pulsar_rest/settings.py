@@ -17,6 +17,12 @@ from pulsar_rest import __version__
 ENV_PREFIX = "PULSAR_REST_"
 
 
+def default_data_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where task history and output live unless --data-dir says otherwise (XDG state)."""
+    state = environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "pulsar-rest"
+
+
 class SettingsError(ValueError):
     """A setting is missing, malformed or not supported: the message is one line for the user."""
 
@@ -28,6 +34,7 @@ class Settings:
     config_repo: str | None = None
     config_branch: str = "master"
     log_dir: Path | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
     ssl_key: Path | None = None
     ssl_cert: Path | None = None
     ssl_pfx: Path | None = None
@@ -41,6 +48,7 @@ class Settings:
     pulsar_bin: str = "pulsar"
     long_poll_timeout: float = 30.0
     kill_grace: float = 10.0
+    keepalive: float = 15.0
     debug: bool = False
 
     @property
@@ -131,6 +139,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("config-repo", _text, "pulsar configuration repository, passed as --conf-repo", "REPO"),
     _Option("config-branch", _text, "branch of the configuration repository", "BRANCH"),
     _Option("log-dir", _path, "directory for pulsar-rest.log, created if missing (default: stdout)", "DIR"),
+    _Option("data-dir", _path, "directory for task history and output, created if missing", "DIR"),
     _Option("ssl-key", _path, "TLS private key (PEM); use with --ssl-cert", "FILE"),
     _Option("ssl-cert", _path, "TLS certificate (PEM), a CA chain may follow it in the file", "FILE"),
     _Option("ssl-pfx", _path, "TLS key and certificate as PKCS#12; overrides --ssl-key/--ssl-cert", "FILE"),
@@ -143,6 +152,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("pulsar-bin", _text, "the pulsar executable", "PATH"),
     _Option("long-poll-timeout", _seconds(0.001, 3600), "longest wait of a long-poll", "SECONDS"),
     _Option("kill-grace", _seconds(0, 3600), "seconds between SIGTERM and SIGKILL on a kill", "SECONDS"),
+    _Option("keepalive", _seconds(0.01, 3600), "seconds between keep-alive messages on streams", "SECONDS"),
     _Option("debug", _bool, "debug logging, and tracebacks in error answers"),
 )
 
@@ -226,6 +236,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
         except ValueError as exc:
             shown = "***" if opt.attr == "auth_password" else repr(raw)
             raise SettingsError(f"{source}: {shown} {exc}") from None
+    values.setdefault("data_dir", default_data_dir(environ))
     settings = Settings(**values)
     _check(settings)
     return settings

@@ -4,14 +4,19 @@ persistent store (SQLite, PostgreSQL) replaces the in-memory one without touchin
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
+from pulsar_rest.output import OutputLog
 from pulsar_rest.tasks import Task
 
 
 class TaskStore(Protocol):
     def next_id(self) -> int:
         """A task id never handed out before."""
+
+    def new_output(self, task_id: int) -> OutputLog:
+        """The (empty) output log of a new task."""
 
     def add(self, task: Task) -> None: ...
 
@@ -25,11 +30,15 @@ class TaskStore(Protocol):
 
 
 class MemoryStore:
-    """Tasks in a dict, ids from a counter: lost on restart."""
+    """Tasks in a dict, ids from a counter: lost on restart. Output logs go to `log_dir`."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_dir: Path) -> None:
         self._tasks: dict[int, Task] = {}
         self._last_id = 0
+        self._log_dir = log_dir
+
+    def new_output(self, task_id: int) -> OutputLog:
+        return OutputLog(self._log_dir / f"{task_id}.log")
 
     def next_id(self) -> int:
         self._last_id += 1

@@ -48,6 +48,7 @@ class Task:
     env: str
     action: str
     command: list[str]
+    output: OutputLog
     created_at: datetime = field(default_factory=utcnow)
     status: TaskStatus = TaskStatus.CREATED
     started_at: datetime | None = None
@@ -56,7 +57,10 @@ class Task:
     exit_code: int | None = None
     # Name of the signal that ended the process (e.g. "SIGKILL"), when one did.
     signal: str | None = None
-    output: OutputLog = field(default_factory=OutputLog)
+    # Event numbers (cursors) of its creation, its last status change and its last change.
+    created_seq: int = 0
+    state_seq: int = 0
+    seq: int = 0
 
     def start(self, pid: int, now: datetime | None = None) -> None:
         self._move(TaskStatus.RUNNING)

@@ -49,7 +49,9 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         for path, what in ((settings.ssl_key, "--ssl-key"), (settings.ssl_cert, "--ssl-cert")):
             _read(path, what)  # a clear error for a missing or unreadable file
         try:
-            ctx.load_cert_chain(settings.ssl_cert, settings.ssl_key, password=passphrase or _no_prompt)
+            ctx.load_cert_chain(
+                settings.ssl_cert, settings.ssl_key, password=_no_prompt if passphrase is None else passphrase
+            )
         except ssl.SSLError as exc:
             raise TLSError(
                 f"--ssl-key/--ssl-cert: cannot load them ({exc.reason or exc}): a wrong "
@@ -59,8 +61,9 @@ def server_context(settings: Settings) -> ssl.SSLContext:
 
 
 def _load_pfx(ctx: ssl.SSLContext, path: Path, passphrase: bytes | None) -> None:
+    data = _read(path, "--ssl-pfx")  # outside the try: TLSError is a ValueError too
     try:
-        key, cert, chain = pkcs12.load_key_and_certificates(_read(path, "--ssl-pfx"), passphrase)
+        key, cert, chain = pkcs12.load_key_and_certificates(data, passphrase)
     except ValueError:
         raise TLSError(
             f"--ssl-pfx {path}: cannot open it: a wrong or missing passphrase, or not PKCS#12"

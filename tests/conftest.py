@@ -45,8 +45,8 @@ def pulsar_bin(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def settings(pulsar_bin: str, gates: Path) -> Settings:
-    return Settings(pulsar_bin=pulsar_bin, kill_grace=0.5, long_poll_timeout=10)
+def settings(pulsar_bin: str, gates: Path, tmp_path: Path) -> Settings:
+    return Settings(pulsar_bin=pulsar_bin, kill_grace=0.5, long_poll_timeout=10, data_dir=tmp_path / "data")
 
 
 @pytest.fixture

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from pulsar_rest import pulsar
 from pulsar_rest.events import EventBus, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.names import InvalidName, check_action, check_name
-from pulsar_rest.output import OutputLog
+from pulsar_rest.output import OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
 from tests.conftest import eventually
 
 
-def _task() -> Task:
-    return Task(id=1, app="a", env="e", action="t", command=["pulsar"])
+def _task(tmp_path: Path) -> Task:
+    return Task(id=1, app="a", env="e", action="t", command=["pulsar"], output=OutputLog(tmp_path / "1.log"))
 
 
-def test_task_moves_created_running_finished() -> None:
-    task = _task()
+def test_task_moves_created_running_finished(tmp_path: Path) -> None:
+    task = _task(tmp_path)
     task.start(pid=42)
     task.end(TaskStatus.FINISHED, exit_code=0)
     assert (task.status, task.pid, task.exit_code) == (TaskStatus.FINISHED, 42, 0)
@@ -27,8 +28,8 @@ def test_task_moves_created_running_finished() -> None:
 
 
 @pytest.mark.parametrize("end", [TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED])
-def test_an_ended_task_cannot_move(end: TaskStatus) -> None:
-    task = _task()
+def test_an_ended_task_cannot_move(end: TaskStatus, tmp_path: Path) -> None:
+    task = _task(tmp_path)
     task.start(pid=1)
     task.end(end)
     with pytest.raises(InvalidTransition):
@@ -37,33 +38,53 @@ def test_an_ended_task_cannot_move(end: TaskStatus) -> None:
         task.end(TaskStatus.FAILED)
 
 
-def test_finished_needs_a_start_and_end_needs_an_end_state() -> None:
+def test_finished_needs_a_start_and_end_needs_an_end_state(tmp_path: Path) -> None:
     with pytest.raises(InvalidTransition):
-        _task().end(TaskStatus.FINISHED)
+        _task(tmp_path).end(TaskStatus.FINISHED)
     with pytest.raises(InvalidTransition):
-        _task().end(TaskStatus.RUNNING)
-    task = _task()
+        _task(tmp_path).end(TaskStatus.RUNNING)
+    task = _task(tmp_path)
     task.end(TaskStatus.KILLED)  # killed before its process started
     assert task.status is TaskStatus.KILLED
 
 
-def test_output_decodes_across_chunks_and_replaces_bad_bytes() -> None:
-    out = OutputLog()
+async def test_output_decodes_across_chunks_and_replaces_bad_bytes(tmp_path: Path) -> None:
+    out = OutputLog(tmp_path / "out.log")
     euro = "€".encode()
-    assert out.feed(b"a" + euro[:1]) == "a"
-    assert out.feed(euro[1:2]) == ""
-    assert out.feed(euro[2:] + b"\xff\n") == "€\ufffd\n"
-    assert out.feed(euro[:2]) == ""
-    assert out.close() == "\ufffd"
-    assert out.text() == "a€\ufffd\n\ufffd"
+    assert out.feed(b"a" + euro[:1]) == 1
+    assert out.feed(euro[1:2]) == 0
+    assert out.feed(euro[2:] + b"\xff\n") == len("€\ufffd\n".encode())
+    assert out.feed(euro[:2]) == 0
+    assert out.close() == len("\ufffd".encode())
+    expected = "a€\ufffd\n\ufffd"
+    assert (await out.tail()) == (0, expected)
+    assert (tmp_path / "out.log").read_text() == expected
+    assert out.size == len(expected.encode())
 
 
-def test_output_tail_lines() -> None:
-    out = OutputLog()
-    for i in range(1000):
-        out.feed(f"line {i}\n".encode())
-    assert out.tail_lines(3) == ["line 997", "line 998", "line 999"]
-    assert out.text().count("\n") == 1000
+async def test_output_keeps_a_bounded_tail_and_reads_the_rest_from_disk(tmp_path: Path) -> None:
+    out = OutputLog(tmp_path / "out.log", tail_limit=1000)
+    lines = [f"line {i} é\n".encode() for i in range(5000)]
+    for line in lines:
+        out.feed(line)
+    whole = b"".join(lines)
+    assert out.size == len(whole)
+    assert out.size - out.tail_start <= 2000  # memory holds the tail only
+    assert await out.read(0, 100) == whole[:100]  # from the file
+    assert await out.read(out.size - 10, 100) == whole[-10:]  # from memory
+    offset, text = await out.tail(1000)
+    assert text.encode() == whole[offset:]
+    assert out.tail_lines(2) == ["line 4998 é", "line 4999 é"]
+    assert out.has_newline_after(out.size - 3) and not out.has_newline_after(out.size)
+
+
+@pytest.mark.parametrize("text", ["a", "é", "€", "😀", "aé€😀"])
+def test_complete_chars_never_cuts_a_character(text: str) -> None:
+    data = text.encode()
+    for end in range(len(data) + 1):
+        kept = complete_chars(data[:end])
+        kept.decode()  # whole characters only
+        assert data[:end].startswith(kept) and end - len(kept) < 4
 
 
 async def test_bus_numbers_events_and_routes_topics() -> None:

@@ -11,7 +11,8 @@ from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import MemoryStore
 from pulsar_rest.web.errors import error_middleware
-from pulsar_rest.web.keys import BUS, SERVICE, SETTINGS
+from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
+from pulsar_rest.web.present import AnswerCache
 from pulsar_rest.web.routes import setup_routes
 
 # Larger bodies are refused with 413: a create request is a few names.
@@ -29,13 +30,16 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _tasks(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     bus = EventBus()
     config = RunConfig(
         pulsar_bin=settings.pulsar_bin,
         conf_repo=settings.config_repo,
         kill_grace=settings.kill_grace,
     )
-    service = TaskService(MemoryStore(), bus, config)
+    service = TaskService(MemoryStore(logs), bus, config)
+    app[ANSWERS] = AnswerCache()
     app[BUS] = bus
     app[SERVICE] = service
     yield

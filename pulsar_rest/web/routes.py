@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pulsar_rest.web import views
+from pulsar_rest.web import streams, views
 
 TASK = "/task/{id}"
 
@@ -13,7 +13,11 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", views.index)
     app.router.add_get("/tasks", views.list_tasks)
     app.router.add_get("/tasks/created", views.tasks_created)
+    app.router.add_get("/events", streams.events)
+    app.router.add_get("/websocket", streams.websocket)
     app.router.add_get(TASK, views.get_task)
+    app.router.add_get(TASK + "/log", views.get_log)
+    app.router.add_get(TASK + "/stream", streams.task_stream)
     app.router.add_get(TASK + "/output", views.task_output)
     app.router.add_get(TASK + "/state", views.task_state)
     app.router.add_get(TASK + "/kill", views.kill_task)  # the documented form

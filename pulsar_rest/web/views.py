@@ -1,78 +1,50 @@
-"""Request handlers: parse, call the service, answer JSON in the documented shapes."""
+"""Request handlers: parse, call the service, answer JSON in the documented shapes.
+
+The documented long-polls keep their shapes for old clients. Given a cursor (`since`,
+`offset`), the same URLs answer at once with everything after it, or wait for it: a client
+that follows with cursors never misses a task, a byte or a state change.
+"""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from multidict import MultiMapping
 
-from pulsar_rest.events import created_topic, task_topic
+from pulsar_rest.events import CursorGone, created_topic, state_topic, task_topic
+from pulsar_rest.output import complete_chars
 from pulsar_rest.tasks import Task
+from pulsar_rest.web import params
 from pulsar_rest.web.errors import ApiError
-from pulsar_rest.web.keys import BUS, SERVICE, SETTINGS
+from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
+from pulsar_rest.web.present import summary
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 
 # Extra time a kill request waits beyond the grace period for SIGKILL to take effect.
 _KILL_SETTLE = 5.0
+# Most output bytes in one `offset` answer (Jenkins answers 10,000 lines at most), and most
+# tasks in one `since` answer.
+OUTPUT_LIMIT = 1024 * 1024
+CREATED_LIMIT = 1000
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
 
 
-def task_json(task: Task) -> dict[str, Any]:
-    return {
-        "id": task.id,
-        "status": task.status.value,
-        "app": task.app,
-        "env": task.env,
-        "action": task.action,
-        "exitCode": task.exit_code,
-        "signal": task.signal,
-        "output": task.output.text(),
-        "pid": task.pid,
-        "command": task.command,
-        "createdAt": _iso(task.created_at),
-        "startedAt": _iso(task.started_at),
-        "finishedAt": _iso(task.finished_at),
-    }
+def _gone(exc: CursorGone) -> ApiError:
+    return ApiError(410, str(exc))
 
 
-def _task_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not raw.isascii() or not raw.isdigit():
-        raise ApiError(404, f"no task with id {raw[:40]!r}")
-    return int(raw)
-
-
-def _url(request: web.Request, path: str) -> str:
-    return str(request.url.with_path(path).with_query(None))
-
-
-def _timeout(request: web.Request) -> float:
-    """The long-poll's wait: `timeout` (seconds) if given, never above the configured one."""
-    longest = request.app[SETTINGS].long_poll_timeout
-    raw = request.query.get("timeout")
-    if raw is None:
-        return longest
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise ApiError(400, f"timeout must be a number of seconds, 0 or more, not {raw[:40]!r}")
-    return min(seconds, longest)
-
-
-def _changed(task: Task | None) -> web.Response:
+async def _changed(request: web.Request, task: Task | None) -> web.Response:
     if task is None:
-        return web.json_response({"changed": False})
-    return web.json_response({"changed": True, "task": task_json(task)})
+        return _json({"changed": False})
+    body = await request.app[ANSWERS].body(task, changed=True)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -80,53 +52,146 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    tasks = {str(task.id): task_json(task) for task in request.app[SERVICE].tasks()}
-    return web.json_response({"url": _url(request, "/"), "tasks": tasks})
+    answers = request.app[ANSWERS]
+    parts = [
+        f'"{task.id}": '.encode() + await answers.body(task, changed=False)
+        for task in request.app[SERVICE].tasks()
+    ]
+    url = json.dumps(params.url(request, "/"))
+    body = b'{"url": ' + url.encode() + b', "tasks": {' + b", ".join(parts) + b"}}"
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_task(request: web.Request) -> web.Response:
-    return web.json_response(task_json(request.app[SERVICE].get(_task_id(request))))
+    body = await request.app[ANSWERS].body(params.task(request), changed=False)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def get_log(request: web.Request) -> web.FileResponse:
+    """The whole output as text/plain; HTTP Range reads parts of a large log."""
+    task = params.task(request)
+    return web.FileResponse(
+        task.output.path,
+        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"},
+    )
 
 
 async def tasks_created(request: web.Request) -> web.Response:
-    """Long-poll: the next task created, or `changed: false` at the timeout."""
-    timeout = _timeout(request)
-    event = await request.app[BUS].wait(created_topic(), timeout)
-    return _changed(None if event is None else request.app[SERVICE].get(event.task_id))
+    """Long-poll for the next task created; with `since`, every task created after it."""
+    bus, service = request.app[BUS], request.app[SERVICE]
+    wait = params.timeout(request)
+    since = params.int_param(request, "since")
+    if since is None:
+        event = await bus.wait(created_topic(), wait)
+        return await _changed(request, None if event is None else service.get(event.task_id))
+    try:
+        created = [e for e in bus.since(since) if e.kind == "task.create"]
+        if not created and await bus.wait(created_topic(), wait):
+            created = [e for e in bus.since(since) if e.kind == "task.create"]
+    except CursorGone as exc:
+        raise _gone(exc) from None
+    more = len(created) > CREATED_LIMIT
+    created = created[:CREATED_LIMIT]
+    tasks = [summary(service.get(e.task_id)) for e in created]
+    # Without more to come, the cursor is the current one: nothing was created in between.
+    cursor = created[-1].seq if more else bus.seq
+    return _json({"changed": bool(tasks), "tasks": tasks, "next": cursor, "more": more, "seq": bus.seq})
 
 
 async def task_output(request: web.Request) -> web.Response:
-    """Long-poll: the task after its next change (output or status); at once if it has ended."""
-    service = request.app[SERVICE]
-    task = service.get(_task_id(request))
-    timeout = _timeout(request)
+    """Long-poll for the task's next change (at once if it has ended); with `offset`, the
+    output from that byte on."""
+    task = params.task(request)
+    wait = params.timeout(request)
+    offset = params.int_param(request, "offset")
+    if offset is not None:
+        limit = params.int_param(request, "limit", OUTPUT_LIMIT) or OUTPUT_LIMIT
+        return await _output_from(request, task, offset, min(limit, OUTPUT_LIMIT), wait)
     if task.status.ended:
-        return _changed(task)
-    event = await request.app[BUS].wait(task_topic(task.id), timeout)
-    return _changed(None if event is None else task)
+        return await _changed(request, task)
+    event = await request.app[BUS].wait(task_topic(task.id), wait)
+    return await _changed(request, None if event is None else task)
+
+
+def _output_ready(task: Task, offset: int, limit: int) -> bool:
+    # While the task runs only whole lines are answered (as Jenkins does), unless a line is
+    # longer than an answer can hold.
+    return task.status.ended or task.output.size - offset >= limit or task.output.has_newline_after(offset)
+
+
+async def _output_from(
+    request: web.Request, task: Task, offset: int, limit: int, timeout: float
+) -> web.Response:
+    bus = request.app[BUS]
+    if offset > task.output.size:
+        raise ApiError(
+            410, f"offset {offset} is past the end of the output ({task.output.size} bytes): read it again"
+        )
+    deadline = request.loop.time() + timeout
+    while not (ready := _output_ready(task, offset, limit)):
+        remaining = deadline - request.loop.time()
+        if remaining <= 0 or await bus.wait(task_topic(task.id), remaining) is None:
+            break
+    data = await task.output.read(offset, limit) if ready else b""
+    if not task.status.ended and b"\n" in data:
+        data = data[: data.rindex(b"\n") + 1]
+    elif offset + len(data) < task.output.size:
+        data = complete_chars(data)  # a line longer than an answer: cut between characters
+    next_offset = offset + len(data)
+    complete = task.status.ended and next_offset >= task.output.size
+    return _json(
+        {
+            "changed": bool(data) or complete,
+            "output": data.decode(errors="replace"),
+            "offset": offset,
+            "nextOffset": next_offset,
+            "size": task.output.size,
+            "complete": complete,
+            "task": summary(task),
+            "seq": bus.seq,
+        }
+    )
 
 
 async def task_state(request: web.Request) -> web.Response:
-    """Long-poll: the task once it has ended; at once if it has."""
-    service = request.app[SERVICE]
-    task = service.get(_task_id(request))
-    ended = await service.wait_ended(task, _timeout(request))
-    return _changed(task if ended else None)
+    """Long-poll for the task's end (at once if it has ended); with `since`, for its next
+    status change after that cursor."""
+    service, bus = request.app[SERVICE], request.app[BUS]
+    task = params.task(request)
+    wait = params.timeout(request)
+    since = params.int_param(request, "since")
+    if since is None:
+        ended = await service.wait_ended(task, wait)
+        return await _changed(request, task if ended else None)
+    if since > bus.seq:
+        raise ApiError(410, f"cursor {since} is ahead of the server's {bus.seq}: read the task again")
+    if task.state_seq <= since:
+        await bus.wait(state_topic(task.id), wait)
+    changed = task.state_seq > since
+    return _json(
+        {
+            "changed": changed,
+            "task": summary(task),
+            "next": task.state_seq if changed else since,
+            "seq": bus.seq,
+        }
+    )
 
 
 async def kill_task(request: web.Request) -> web.Response:
     """Stop a task's whole process tree; answers once it has ended (202 if it has not yet)."""
     service = request.app[SERVICE]
-    task = await service.kill(_task_id(request))
+    task = await service.kill(params.task_id(request))
     ended = await service.wait_ended(task, request.app[SETTINGS].kill_grace + _KILL_SETTLE)
-    return web.json_response(task_json(task), status=200 if ended else 202)
+    body = await request.app[ANSWERS].body(task, changed=False)
+    return web.Response(body=body, content_type="application/json", status=200 if ended else 202)
 
 
 async def create_task(request: web.Request) -> web.Response:
     """POST /:app/:env with the task name as `action` (or `task`) in the body or query."""
-    await _refuse_route_clash(request)
-    params = await _params(request)
-    names = {params[key] for key in ("action", "task") if key in params}
+    _refuse_route_clash(request)
+    fields = await _fields(request)
+    names = {fields[key] for key in ("action", "task") if key in fields}
     if not names:
         raise ApiError(400, "missing task name: send it as 'action' (or 'task')")
     if len(names) > 1:
@@ -134,14 +199,15 @@ async def create_task(request: web.Request) -> web.Response:
     task = await request.app[SERVICE].create(
         request.match_info["app"], request.match_info["env"], names.pop()
     )
-    location = _url(request, f"/task/{task.id}")
-    return web.json_response(
-        {"taskId": task.id, "url": location, "task": task_json(task)},
-        headers={"Location": location},
-    )
+    location = params.url(request, f"/task/{task.id}")
+    data = await request.app[ANSWERS].body(task, changed=False)
+    body = b'{"taskId": %d, "url": %s, "task": %s}' % (task.id, json.dumps(location).encode(), data)
+    return web.Response(body=body, content_type="application/json", headers={"Location": location})
 
 
-async def _refuse_route_clash(request: web.Request) -> None:
+def _refuse_route_clash(request: web.Request) -> None:
+    # POST /task/12 would otherwise start a task of app "task": an app named like the first
+    # segment of another route answers 405, as the path would without the catch-all.
     app = request.match_info["app"]
     reserved = {
         resource.canonical.split("/")[1]
@@ -152,12 +218,12 @@ async def _refuse_route_clash(request: web.Request) -> None:
         raise ApiError(405, f"method POST is not allowed on {request.path}", {"Allow": "GET"})
 
 
-async def _params(request: web.Request) -> dict[str, str]:
+async def _fields(request: web.Request) -> dict[str, str]:
     """The request's parameters: the body's (JSON or form) over the query string's."""
-    params: dict[str, str] = {}
-    _merge(params, request.query, "query string")
+    fields: dict[str, str] = {}
+    _merge(fields, request.query, "query string")
     if not request.body_exists:
-        return params
+        return fields
     if request.content_type == "application/json":
         try:
             body = json.loads(await request.text())
@@ -165,18 +231,18 @@ async def _params(request: web.Request) -> dict[str, str]:
             raise ApiError(400, f"invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object")
-        _merge(params, body, "JSON body")
+        _merge(fields, body, "JSON body")
     elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        _merge(params, await request.post(), "form body")
+        _merge(fields, await request.post(), "form body")
     else:
         raise ApiError(415, f"unsupported body type {request.content_type!r}: send JSON or a form")
-    return params
+    return fields
 
 
-def _merge(params: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
+def _merge(fields: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
     for key in ("action", "task"):
         if key in source:
             value = source[key]
             if not isinstance(value, str):
                 raise ApiError(400, f"{key!r} in the {where} must be a string")
-            params[key] = value
+            fields[key] = value

@@ -1,0 +1,67 @@
+"""Tasks as JSON: the documented task object, and a summary without output for lists,
+streams and cursor answers. Serialised answers are cached per task version, so a thousand
+long-polls woken by one line serialise the task once."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pulsar_rest.output import TAIL_LIMIT
+from pulsar_rest.tasks import Task
+
+# Answers kept; each is at most about TAIL_LIMIT bytes.
+_CACHE_SIZE = 32
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def summary(task: Task) -> dict[str, Any]:
+    """The task without its output (whose size says how much there is)."""
+    return {
+        "id": task.id,
+        "status": task.status.value,
+        "app": task.app,
+        "env": task.env,
+        "action": task.action,
+        "exitCode": task.exit_code,
+        "signal": task.signal,
+        "pid": task.pid,
+        "command": task.command,
+        "createdAt": _iso(task.created_at),
+        "startedAt": _iso(task.started_at),
+        "finishedAt": _iso(task.finished_at),
+        "outputSize": task.output.size,
+    }
+
+
+async def task_json(task: Task) -> dict[str, Any]:
+    """The documented task object; `output` holds the last MiB at most (`outputOffset` is
+    where it starts in the log, `outputTruncated` says whether it is the whole output)."""
+    offset, text = await task.output.tail(TAIL_LIMIT)
+    return {**summary(task), "output": text, "outputOffset": offset, "outputTruncated": offset > 0}
+
+
+class AnswerCache:
+    """JSON bodies of `{"changed": true, "task": ...}` and of the task itself, per version."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[tuple[int, int, bool], bytes] = {}
+
+    async def body(self, task: Task, changed: bool) -> bytes:
+        key = (task.id, task.seq, changed)
+        body = self._bodies.get(key)
+        if body is None:
+            data = await task_json(task)
+            body = json.dumps({"changed": True, "task": data} if changed else data).encode()
+            if key[1] != task.seq:
+                return body  # the task moved on while its tail was read: do not cache
+            if len(self._bodies) >= _CACHE_SIZE:
+                self._bodies.clear()
+            self._bodies[key] = body
+        return body

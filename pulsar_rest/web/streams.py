@@ -1,0 +1,178 @@
+"""Live streams: server-sent events (`/events`, `/task/:id/stream`) and a WebSocket.
+
+Each stream follows a cursor, an event number or a byte offset, so a client that comes back
+with `Last-Event-ID` (which browsers send by themselves) misses nothing. Keep-alive comments
+and `X-Accel-Buffering: no` keep proxies from buffering or cutting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from pulsar_rest.events import CursorGone, Event, all_topic, changes_topic, task_topic
+from pulsar_rest.output import complete_chars
+from pulsar_rest.service import TaskService
+from pulsar_rest.tasks import Task
+from pulsar_rest.web import params
+from pulsar_rest.web.errors import ApiError
+from pulsar_rest.web.keys import BUS, SERVICE, SETTINGS
+from pulsar_rest.web.present import summary
+
+# Most output bytes in one stream message.
+CHUNK = 256 * 1024
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+}
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
+    head = f"event: {event}\n" + ("" if event_id is None else f"id: {event_id}\n")
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+def _cursor(request: web.Request, query_name: str) -> int | None:
+    """The cursor to resume from: Last-Event-ID (sent by reconnecting browsers) or the query."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        return params.int_param(request, query_name)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise ApiError(400, f"Last-Event-ID must be a whole number, not {raw[:40]!r}")
+    return int(raw)
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    return response
+
+
+def _change(service: TaskService, event: Event) -> dict[str, Any]:
+    return {"event": event.kind.value, "seq": event.seq, "task": summary(service.get(event.task_id))}
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """SSE of every task created and changed (`task.create`, `task.change`), ids = cursors."""
+    bus, service = request.app[BUS], request.app[SERVICE]
+    keepalive = request.app[SETTINGS].keepalive
+    cursor = _cursor(request, "since")
+    response = await _open_sse(request)
+    if cursor is None:
+        cursor = bus.seq
+    while not bus.closed:
+        try:
+            pending = bus.since(cursor)
+        except CursorGone as exc:
+            # The client must list again; then it follows from here.
+            await response.write(_sse("reset", {"message": str(exc), "seq": bus.seq}, bus.seq))
+            cursor = bus.seq
+            continue
+        for event in pending:
+            await response.write(_sse(event.kind.value, _change(service, event), event.seq))
+            cursor = event.seq
+        if not pending and await bus.wait(changes_topic(), keepalive) is None and not bus.closed:
+            await response.write(b": keep-alive\n\n")
+    return response
+
+
+async def task_stream(request: web.Request) -> web.StreamResponse:
+    """SSE of one task: `state` events, `output` chunks (id = the next byte offset), and
+    `end` once it has ended and all its output was sent."""
+    bus = request.app[BUS]
+    keepalive = request.app[SETTINGS].keepalive
+    task = params.task(request)
+    offset = _cursor(request, "offset") or 0
+    if offset > task.output.size:
+        raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
+    response = await _open_sse(request)
+    await response.write(_sse("state", summary(task), offset))
+    state_seq = task.state_seq
+    while True:
+        if offset < task.output.size:
+            text, offset = await _read_text(task, offset)
+            await response.write(
+                _sse("output", {"offset": offset - len(text.encode()), "output": text}, offset)
+            )
+            continue
+        if task.state_seq != state_seq:
+            state_seq = task.state_seq
+            await response.write(_sse("state", summary(task), offset))
+        if task.status.ended and task.output.closed:
+            await response.write(_sse("end", summary(task), offset))
+            break
+        if bus.closed:
+            break
+        if await bus.wait(task_topic(task.id), keepalive) is None and not bus.closed:
+            await response.write(b": keep-alive\n\n")
+    return response
+
+
+async def _read_text(task: Task, offset: int) -> tuple[str, int]:
+    """Output from `offset` as text of whole characters, and the offset after it."""
+    data = complete_chars(await task.output.read(offset, CHUNK))
+    return data.decode(errors="replace"), offset + len(data)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Every event as JSON: `task.create` and `task.change` with the task (no output), and
+    `task.output` with the output that is new since the last message (a delta)."""
+    bus, service = request.app[BUS], request.app[SERVICE]
+    cursor = params.int_param(request, "since")
+    ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].keepalive)
+    await ws.prepare(request)
+    if cursor is None:
+        cursor = bus.seq
+    # Output already written when the client connects is not sent again: GET the task.
+    offsets = {task.id: task.output.size for task in service.tasks() if not task.status.ended}
+    reader = asyncio.ensure_future(_drain(ws))
+    try:
+        while not ws.closed and not reader.done() and not bus.closed:
+            try:
+                pending = bus.since(cursor)
+            except CursorGone as exc:
+                await ws.send_json({"event": "reset", "message": str(exc), "seq": bus.seq})
+                cursor = bus.seq
+                continue
+            for event in pending:
+                await ws.send_json(_change(service, event))
+                cursor = event.seq
+                if event.kind.value == "task.create":
+                    offsets.setdefault(event.task_id, 0)
+            sent = await _send_output(ws, service, offsets)
+            if not pending and not sent:
+                waiting = asyncio.ensure_future(bus.wait(all_topic(), 3600))
+                await asyncio.wait([waiting, reader], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await ws.close()
+    return ws
+
+
+async def _send_output(ws: web.WebSocketResponse, service: TaskService, offsets: dict[int, int]) -> bool:
+    sent = False
+    for task_id, offset in list(offsets.items()):
+        task = service.get(task_id)
+        if offset < task.output.size:
+            text, offsets[task_id] = await _read_text(task, offset)
+            await ws.send_json({"event": "task.output", "taskId": task_id, "offset": offset, "output": text})
+            sent = True
+        elif task.status.ended and task.output.closed:
+            del offsets[task_id]
+    return sent
+
+
+async def _drain(ws: web.WebSocketResponse) -> None:
+    """Read (and ignore) what the client sends, so its close and pings are answered."""
+    async for message in ws:
+        if message.type == WSMsgType.ERROR:
+            break
