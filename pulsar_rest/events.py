@@ -70,11 +70,11 @@ class CursorGone(LookupError):
 class EventBus:
     """Publishes numbered events and wakes whoever waits on their topics."""
 
-    def __init__(self, last_seq: int = 0, keep: int = KEEP_EVENTS) -> None:
+    def __init__(self, last_seq: int = 0, keep: int | None = None) -> None:
         self._seq = last_seq
         # Cursors at or after this one can be answered from `_recent`.
         self._horizon = last_seq
-        self._recent: deque[Event] = deque(maxlen=keep)
+        self._recent: deque[Event] = deque(maxlen=KEEP_EVENTS if keep is None else keep)
         self._waiters: dict[str, set[asyncio.Future[Event | None]]] = {}
         self._closed = False
 

@@ -7,6 +7,7 @@ that follows with cursors never misses a task, a byte or a state change.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,10 @@ async def task_output(request: web.Request) -> web.Response:
     task = params.task(request)
     wait = params.timeout(request)
     offset = params.int_param(request, "offset")
+    limit = params.int_param(request, "limit", OUTPUT_LIMIT)
+    if not limit:
+        raise ApiError(400, "limit must be 1 or more")
     if offset is not None:
-        limit = params.int_param(request, "limit", OUTPUT_LIMIT) or OUTPUT_LIMIT
         return await _output_from(request, task, offset, min(limit, OUTPUT_LIMIT), wait)
     if task.status.ended:
         return await _changed(request, task)
@@ -127,9 +130,9 @@ async def _output_from(
         raise ApiError(
             410, f"offset {offset} is past the end of the output ({task.output.size} bytes): read it again"
         )
-    deadline = request.loop.time() + timeout
+    deadline = asyncio.get_running_loop().time() + timeout
     while not (ready := _output_ready(task, offset, limit)):
-        remaining = deadline - request.loop.time()
+        remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0 or await bus.wait(task_topic(task.id), remaining) is None:
             break
     data = await task.output.read(offset, limit) if ready else b""
