@@ -102,6 +102,30 @@ def utf8(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def stamps(app: str, env: str, action: str, args: list[str]) -> int:
+    """For the benchmark: at each gate, a line with the time it is written (time.time())."""
+    for name in args:
+        say(f"waiting for {name}")
+        gate(name)
+        say(f"stamp {time.time():.6f}")
+    return 0
+
+
+def bench_block() -> bytes:
+    """64 KiB + 2 bytes: writes of it cut the two-byte "é" at every pipe read boundary."""
+    return b"x" * 65535 + "é".encode() + b"\n"
+
+
+def many_bytes(app: str, env: str, action: str, args: list[str]) -> int:
+    """Write at least N bytes as fast as possible (whole blocks of bench_block())."""
+    block = bench_block() * 16
+    raw = sys.stdout.buffer
+    for _ in range(-(-int(args[0]) // len(block))):
+        raw.write(block)
+    raw.flush()
+    return 0
+
+
 def show_args(app: str, env: str, action: str, args: list[str]) -> int:
     say(json.dumps(sys.argv[1:]))
     return 0
@@ -166,6 +190,8 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "interleave": interleave,
     "utf8": utf8,
     "args": show_args,
+    "stamps": stamps,
+    "bytes": many_bytes,
     "grandchild": grandchild,
     "escape": escape,
     "hang": hang,

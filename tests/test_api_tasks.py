@@ -148,3 +148,15 @@ async def test_running_task_shows_output_so_far(client: Client, gates: Path) -> 
     assert task["output"].endswith(
         "passed one\nRunning gate[one] for app on prod\nExecuted task gate[one] for app on prod!\n"
     )
+
+
+async def test_status_counts_tasks_and_waiters(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "gate[st]"))["id"]
+    await follow(client, task_id, lambda t: "waiting for st" in t["output"])
+    body = await (await client.get("/status")).json()
+    assert body["ok"] is True
+    assert body["tasks"] == {"running": 1}
+    assert body["waiters"] == 0 and body["seq"] >= 2
+    release(gates, "st")
+    await finished(client, task_id)
+    assert (await (await client.get("/status")).json())["tasks"] == {"finished": 1}

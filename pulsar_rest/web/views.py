@@ -19,7 +19,7 @@ from pulsar_rest.events import CursorGone, created_topic, state_topic, task_topi
 from pulsar_rest.output import complete_chars
 from pulsar_rest.tasks import Task
 from pulsar_rest.web import params
-from pulsar_rest.web.errors import ApiError
+from pulsar_rest.web.errors import VERSION, ApiError
 from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
 from pulsar_rest.web.present import summary
 
@@ -50,6 +50,17 @@ async def _changed(request: web.Request, task: Task | None) -> web.Response:
 
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
+
+
+async def status(request: web.Request) -> web.Response:
+    """Health and load: for monitors, dashboards and the benchmark."""
+    service, bus = request.app[SERVICE], request.app[BUS]
+    counts: dict[str, int] = {}
+    for task in service.tasks():
+        counts[task.status.value] = counts.get(task.status.value, 0) + 1
+    return _json(
+        {"ok": True, "version": VERSION, "tasks": counts, "waiters": bus.waiter_count, "seq": bus.seq}
+    )
 
 
 async def list_tasks(request: web.Request) -> web.Response:
