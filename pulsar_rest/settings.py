@@ -160,6 +160,11 @@ _OPTIONS: tuple[_Option, ...] = (
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: start-up errors are one line everywhere.
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            # Only the flags: a mistyped --auth-pasword must not print the password after it.
+            flags = [arg.split("=")[0] for arg in message[len(prefix) :].split() if arg.startswith("-")]
+            message = prefix + (" ".join(flags) or "(values without a flag)")
         raise SettingsError(f"{message} (see --help)")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from pulsar_rest.events import CursorGone, Event, all_topic, changes_topic, task_topic
+from pulsar_rest.events import CursorGone, Event, EventBus, all_topic, changes_topic, task_topic
 from pulsar_rest.output import complete_chars
 from pulsar_rest.service import TaskService
 from pulsar_rest.tasks import Task
@@ -134,6 +134,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     reader = asyncio.ensure_future(_drain(ws))
     try:
         while not ws.closed and not reader.done() and not bus.closed:
+            seen = bus.seq  # what was checked, below, before waiting for news
             try:
                 pending = bus.since(cursor)
             except CursorGone as exc:
@@ -147,15 +148,24 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     offsets.setdefault(event.task_id, 0)
             sent = await _send_output(ws, service, offsets)
             if not pending and not sent:
-                waiting = asyncio.ensure_future(bus.wait(all_topic(), 3600))
-                await asyncio.wait([waiting, reader], return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
+                waiting = asyncio.ensure_future(_news(bus, seen))
+                try:
+                    await asyncio.wait([waiting, reader], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiting.cancel()  # also when the handler is cancelled (client gone)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         await ws.close()
     return ws
+
+
+async def _news(bus: EventBus, seen: int) -> None:
+    """Wait for an event after `seen`. Run as a task, it starts waiting only once scheduled:
+    an event published before then must still end the wait, or it is never sent."""
+    if bus.seq == seen:
+        await bus.wait(all_topic(), 3600)
 
 
 async def _send_output(ws: web.WebSocketResponse, service: TaskService, offsets: dict[int, int]) -> bool:

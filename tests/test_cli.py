@@ -1,0 +1,331 @@
+"""The `pulsar-rest` command as a real process: help, one-line start-up errors, serve, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import alive
+
+ROOT = Path(__file__).parents[1]
+TIMEOUT = 30.0  # for any one wait on the process: generous, never reached when all is well
+
+FLAGS = [
+    "--port", "--host", "--config-repo", "--config-branch", "--log-dir", "--ssl-key", "--ssl-cert",
+    "--ssl-pfx", "--ssl-passphrase", "--ssl-min-version", "--auth-username", "--auth-password",
+    "--auth-provider", "--auth-method", "--pulsar-bin", "--long-poll-timeout", "--kill-grace",
+    "--config", "--debug", "--data-dir", "--keepalive",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default --data-dir is under $XDG_STATE_HOME: never the real one in tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pulsar_rest", *args]
+
+
+def environ(**extra: str) -> dict[str, str]:
+    """This environment without PULSAR_REST_* settings of its own, and a fixed help width."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PULSAR_REST_")}
+    return {**env, "COLUMNS": "80", **extra}
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(*args),
+        cwd=ROOT,
+        env=environ() if env is None else env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@dataclass(frozen=True)
+class Files:
+    tmp: Path
+    key: Path
+    crt: Path
+    pfx: Path
+
+    def write(self, name: str, text: str) -> str:
+        path = self.tmp / name
+        path.write_text(text)
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def dev_cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("ssl")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make-dev-cert"), str(directory)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    return directory
+
+
+@pytest.fixture
+def files(tmp_path: Path, dev_cert: Path) -> Files:
+    key, crt, pfx = (dev_cert / f"pulsar.local.{ext}" for ext in ("key", "crt", "pfx"))
+    return Files(tmp_path, key, crt, pfx)
+
+
+def test_help_lists_every_flag_and_its_environment_variable() -> None:
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.startswith("usage: pulsar-rest")
+    listed = set(re.findall(r"^  (--[a-z-]+)", done.stdout, re.MULTILINE)) - {"--help", "--version"}
+    assert listed >= set(FLAGS)
+    for flag in listed:  # every flag, also those added after this test
+        assert "PULSAR_REST_" + flag[2:].replace("-", "_").upper() in done.stdout, flag
+
+
+def test_version() -> None:
+    done = run("--version")
+    assert done.returncode == 0
+    assert re.fullmatch(r"pulsar-rest \S+\n", done.stdout)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *expected: str) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("pulsar-rest: "), lines[0]
+    for part in expected:
+        assert part in lines[0]
+    return lines[0]
+
+
+# Each case: the arguments (given the files at hand), then what the error line must contain.
+ERRORS: dict[str, Callable[[Files], tuple[list[str], list[str]]]] = {
+    "unknown-flag": lambda f: (["--nope"], ["unrecognized arguments: --nope"]),
+    "port-not-a-number": lambda f: (["--port", "abc"], ["--port: 'abc' must be a whole number"]),
+    "port-out-of-range": lambda f: (["--port", "65536"], ["--port", "between 0 and 65535"]),
+    "tls-1.1": lambda f: (["--ssl-min-version", "1.1"], ["--ssl-min-version: '1.1' must be one of 1.2, 1.3"]),
+    "config-branch": lambda f: (["--config-branch", "develop"], ["--config-branch develop"]),
+    "auth-username": lambda f: (["--auth-username", "x"], ["--auth-username", "not available"]),
+    "key-without-cert": lambda f: (["--ssl-key", str(f.key)], ["--ssl-key and --ssl-cert go together"]),
+    "unreadable-cert": lambda f: (
+        ["--ssl-key", str(f.key), "--ssl-cert", str(f.tmp / "none.crt")],
+        [f"cannot read --ssl-cert {f.tmp / 'none.crt'}"],
+    ),
+    "wrong-pfx-passphrase": lambda f: (
+        ["--ssl-pfx", str(f.pfx), "--ssl-passphrase", f.write("pass", "wrong\n")],
+        [f"--ssl-pfx {f.pfx}: cannot open it", "passphrase"],
+    ),
+    "config-not-yaml": lambda f: (
+        ["--config", f.write("bad.yaml", "port: [8001\n")],
+        [f"--config {f.tmp / 'bad.yaml'} is not valid YAML"],
+    ),
+    "config-unknown-key": lambda f: (
+        ["--config", f.write("typo.yaml", "prot: 8001\n")],
+        ["unknown setting 'prot'"],
+    ),
+    "config-missing": lambda f: (
+        ["--config", str(f.tmp / "none.yaml")],
+        [f"cannot read --config {f.tmp / 'none.yaml'}"],
+    ),
+    "log-dir-is-a-file": lambda f: (["--log-dir", f.write("file", "")], ["--log-dir"]),
+    "data-dir-is-a-file": lambda f: (["--port", "0", "--data-dir", f.write("file", "")], ["--data-dir"]),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_start_up_error_is_one_line(files: Files, case: str) -> None:
+    args, expected = ERRORS[case](files)
+    assert_one_line_error(run(*args), *expected)
+
+
+def test_invalid_environment_variable_is_one_line() -> None:
+    done = run(env=environ(PULSAR_REST_KILL_GRACE="soon"))
+    assert_one_line_error(done, "PULSAR_REST_KILL_GRACE: 'soon' must be a number of seconds")
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_port_in_use_is_one_line(busy_port: int, pulsar_bin: str) -> None:
+    done = run("--port", str(busy_port), "--pulsar-bin", pulsar_bin)
+    assert_one_line_error(done, f"cannot listen on 127.0.0.1:{busy_port}")
+
+
+# --- a real start ---
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
+    """Poll `predicate` until it holds; fail at the deadline or if the process has ended."""
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        if proc.poll() is not None:
+            _, err = proc.communicate(timeout=TIMEOUT)
+            raise AssertionError(f"pulsar-rest exited ({proc.returncode}) waiting for {what}: {err}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def listening_port(log: Path, proc: subprocess.Popen[str], scheme: str = "http") -> int:
+    pattern = re.compile(rf"listening on {scheme}://127\.0\.0\.1:(\d+)/$", re.MULTILINE)
+    found: list[int] = []
+
+    def listening() -> bool:
+        match = pattern.search(log.read_text()) if log.exists() else None
+        if match:
+            found.append(int(match.group(1)))
+        return match is not None
+
+    wait_for(listening, proc, f"the listening line in {log}")
+    return found[0]
+
+
+# No proxy from the environment: the requests go to 127.0.0.1 directly.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with OPENER.open(request, timeout=TIMEOUT) as resp:
+        assert resp.status == 200
+        answer: dict[str, Any] = json.load(resp)
+    return answer
+
+
+def ended(base: str, task_id: int) -> dict[str, Any]:
+    """Long-poll /task/:id/state until the task has ended, with a deadline."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        answer = call(f"{base}/task/{task_id}/state?timeout=5")
+        if answer["changed"]:
+            task: dict[str, Any] = answer["task"]
+            return task
+    raise AssertionError(f"task {task_id} has not ended")
+
+
+@pytest.fixture
+def start(tmp_path: Path, pulsar_bin: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start pulsar-rest with the fake pulsar and a log dir; every process is reaped at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        logs, data = str(tmp_path / "logs"), str(tmp_path / "data")
+        argv = command(
+            "--port", "0", "--pulsar-bin", pulsar_bin, "--log-dir", logs, "--data-dir", data, *args
+        )
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=environ(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:  # after a failure: SIGTERM first, so the server stops its tasks too
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=TIMEOUT)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in out + err
+
+
+def test_serves_a_task_then_stops_on_sigterm(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    log = tmp_path / "logs" / "pulsar-rest.log"
+    assert not log.parent.exists() and not (tmp_path / "data").exists()
+    proc = start()
+    port = listening_port(log, proc)
+    assert port > 0
+    assert (tmp_path / "data").is_dir()
+    base = f"http://127.0.0.1:{port}"
+
+    created = call(f"{base}/shop/production", {"action": "ok"})
+    task = ended(base, created["taskId"])
+    assert task["status"] == "finished"
+    assert task["exitCode"] == 0
+    assert task["output"].endswith("Executed task ok for shop on production!\n")
+
+    stop(proc)
+    assert log.read_text().rstrip().endswith("stopping")
+
+
+def test_sigterm_at_once_after_listening(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
+    """A supervisor may signal as soon as it reads the listening line: a clean stop still."""
+    proc = start()
+    listening_port(tmp_path / "logs" / "pulsar-rest.log", proc)
+    stop(proc)
+
+
+def test_sigterm_kills_running_tasks(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
+    proc = start("--kill-grace", "1")
+    base = f"http://127.0.0.1:{listening_port(tmp_path / 'logs' / 'pulsar-rest.log', proc)}"
+    task = call(f"{base}/shop/production", {"action": "hang"})["task"]
+    pid = task["pid"]
+    assert alive(pid)
+    # The task's process is the server's child, so not this test's: check it by its pid.
+    assert psutil.Process(pid).ppid() == proc.pid
+    stop(proc)
+    assert not alive(pid)
+    # Stopped by the service on the way out, not merely orphaned or killed with the server.
+    log = (tmp_path / "logs" / "pulsar-rest.log").read_text()
+    assert re.search(rf"stopping\n.*task {task['id']}: kill requested\n.*task {task['id']} killed", log)
+
+
+def test_https_with_the_dev_certificate(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path, files: Files
+) -> None:
+    proc = start("--ssl-key", str(files.key), "--ssl-cert", str(files.crt))
+    port = listening_port(tmp_path / "logs" / "pulsar-rest.log", proc, scheme="https")
+    ctx = ssl.create_default_context(cafile=str(files.crt))  # verifies the name localhost
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx)
+    )
+    with opener.open(f"https://localhost:{port}/tasks", timeout=TIMEOUT) as resp:
+        assert resp.status == 200
+        assert json.load(resp)["url"] == f"https://localhost:{port}/"
+    stop(proc)
