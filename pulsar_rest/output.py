@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
+import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # What a running task keeps in memory, and what a task shows as `output` in its JSON.
 TAIL_LIMIT = 1024 * 1024
@@ -46,51 +52,105 @@ def complete_chars(data: bytes) -> bytes:
     return data
 
 
+class LogWriter:
+    """One thread that appends to every log, in order: a slow disk delays the logs, never
+    the event loop (a write can block for long under the kernel's writeback throttling)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-log")
+
+    def submit(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class OutputLog:
-    def __init__(self, path: Path, tail_limit: int = TAIL_LIMIT) -> None:
+    def __init__(self, path: Path, writer: LogWriter, tail_limit: int = TAIL_LIMIT) -> None:
         self.path = path
         # A new task's log starts empty, whatever a file of that name held before.
-        self._fd: int | None = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640
-        )
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._writer = writer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tail = bytearray()
         self._tail_limit = tail_limit
-        self.size = 0  # bytes in the log
+        self._closed = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.size = 0  # bytes in the log (some may still be on their way to the file)
+        self.backlog = 0  # bytes not yet written to the file
+        self.error: OSError | None = None  # the first write error, if the disk failed us
 
     @property
     def closed(self) -> bool:
-        return self._fd is None
+        """True once the log takes no more output."""
+        return self._closed
 
     def feed(self, data: bytes) -> int:
         """Append raw process output; return how many bytes the log grew by (may be 0)."""
-        if data.isascii() and not self._decoder.getstate()[0]:
-            return self._append(data)  # the common case needs no decoding round trip
+        if not self._decoder.getstate()[0]:
+            # Fast paths (no character pending from the last chunk): ASCII, or valid UTF-8
+            # up to a character cut by the read, goes to the log as it is.
+            if data.isascii():
+                return self._append(data)
+            whole = complete_chars(data)
+            try:
+                whole.decode()
+            except UnicodeDecodeError:
+                pass
+            else:
+                return self._append(whole) + self._append(self._decoder.decode(data[len(whole) :]).encode())
         return self._append(self._decoder.decode(data).encode())
 
-    def close(self) -> int:
-        """Flush a trailing incomplete character (as U+FFFD) and close the file."""
+    async def close(self) -> int:
+        """Flush a trailing incomplete character (as U+FFFD), wait until everything is in
+        the file, and close it; return how many bytes the flush added."""
         added = self._append(self._decoder.decode(b"", final=True).encode())
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._closed = True
+        await self._writer.submit(os.close, self._fd)
         del self._tail[: max(0, len(self._tail) - ENDED_TAIL)]
         return added
+
+    async def drain(self, below: int = 0) -> None:
+        """Wait until fewer than `below` bytes (none by default) wait for the file."""
+        while self.backlog > below:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
     def _append(self, data: bytes) -> int:
         if not data:
             return 0
-        if self._fd is None:
+        if self._closed:
             raise ValueError(f"{self.path} is closed")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
         self.size += len(data)
+        self.backlog += len(data)
         self._tail += data
-        if len(self._tail) > 2 * self._tail_limit:
-            # Trim in large steps, so the copy is paid once per tail_limit bytes.
-            del self._tail[: len(self._tail) - self._tail_limit]
+        # Trim in large steps (the copy is paid once per tail_limit bytes), never dropping
+        # what the file does not hold yet: older offsets are read from the file.
+        keep = max(self._tail_limit, self.backlog)
+        if len(self._tail) > 2 * keep:
+            del self._tail[: len(self._tail) - keep]
+        self._writer.submit(_write_all, self._fd, data).add_done_callback(
+            functools.partial(self._written, len(data))
+        )
         return len(data)
+
+    def _written(self, count: int, done: asyncio.Future[object]) -> None:
+        self.backlog -= count
+        if not done.cancelled() and done.exception() is not None and self.error is None:
+            self.error = done.exception()  # type: ignore[assignment]
+            log.error("cannot write %s: %s", self.path, self.error)
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def tail_start(self) -> int:

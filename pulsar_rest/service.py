@@ -28,6 +28,12 @@ class TaskEnded(RuntimeError):
         super().__init__(f"task {task.id} has already ended ({task.status})")
 
 
+# Output waiting for the disk beyond which a task's pipe is no longer read (the task then
+# waits), and below which reading resumes: memory stays bounded whatever the task writes.
+BACKLOG_HIGH = 4 * 1024 * 1024
+BACKLOG_LOW = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class RunConfig:
     pulsar_bin: str
@@ -45,6 +51,7 @@ class TaskService:
         self._config = config
         self._children: dict[int, runner.ChildProcess] = {}
         self._kill_requested: set[int] = set()
+        self._paused: set[int] = set()  # tasks whose output waits for the disk
         self._background: set[asyncio.Task[Any]] = set()
 
     def get(self, task_id: int) -> Task:
@@ -111,6 +118,7 @@ class TaskService:
             await asyncio.wait(self._background, timeout=self._config.kill_grace + 10)
         for leftover in list(self._background):
             leftover.cancel()
+        self._store.close()
 
     def _own(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in the background, kept so it is neither collected nor forgotten."""
@@ -131,7 +139,7 @@ class TaskService:
             log.warning("task %d: %s", task.id, exc)
             self._output(task, f"pulsar-rest: {exc}\n".encode())
             status = TaskStatus.KILLED if task.id in self._kill_requested else TaskStatus.FAILED
-            self._end(task, status, runner.ExitStatus(None, None))
+            await self._end(task, status, runner.ExitStatus(None, None))
             return
         task.start(child.pid)
         self._store.save(task)
@@ -145,6 +153,17 @@ class TaskService:
     def _output(self, task: Task, data: bytes) -> None:
         if task.output.feed(data):
             self._publish(task, EventKind.OUTPUT)
+        if task.output.backlog > BACKLOG_HIGH:
+            child = self._children.get(task.id)
+            if child is not None and task.id not in self._paused:
+                self._paused.add(task.id)
+                child.pause_output()
+                self._own(self._resume_output(task, child))
+
+    async def _resume_output(self, task: Task, child: runner.ChildProcess) -> None:
+        await task.output.drain(BACKLOG_LOW)
+        self._paused.discard(task.id)
+        child.resume_output()
 
     def _publish(self, task: Task, kind: EventKind) -> None:
         event = self._bus.publish(kind, task.id)
@@ -174,10 +193,11 @@ class TaskService:
             status = TaskStatus.FAILED
         else:
             status = TaskStatus.FINISHED
-        self._end(task, status, exit_status)
+        await self._end(task, status, exit_status)
 
-    def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
-        if task.output.close():
+    async def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
+        # The log is complete on disk before the task is said to have ended.
+        if await task.output.close():
             self._publish(task, EventKind.OUTPUT)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal)
         self._kill_requested.discard(task.id)

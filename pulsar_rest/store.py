@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from pulsar_rest.output import OutputLog
+from pulsar_rest.output import LogWriter, OutputLog
 from pulsar_rest.tasks import Task
 
 
@@ -28,6 +28,9 @@ class TaskStore(Protocol):
     def __iter__(self) -> Iterator[Task]:
         """Every task, oldest first."""
 
+    def close(self) -> None:
+        """Release what the store holds (after the last task has ended)."""
+
 
 class MemoryStore:
     """Tasks in a dict, ids from a counter: lost on restart. Output logs go to `log_dir`."""
@@ -36,9 +39,10 @@ class MemoryStore:
         self._tasks: dict[int, Task] = {}
         self._last_id = 0
         self._log_dir = log_dir
+        self._writer = LogWriter()
 
     def new_output(self, task_id: int) -> OutputLog:
-        return OutputLog(self._log_dir / f"{task_id}.log")
+        return OutputLog(self._log_dir / f"{task_id}.log", self._writer)
 
     def next_id(self) -> int:
         self._last_id += 1
@@ -57,3 +61,6 @@ class MemoryStore:
 
     def __iter__(self) -> Iterator[Task]:
         return iter(list(self._tasks.values()))
+
+    def close(self) -> None:
+        self._writer.close()

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from pulsar_rest import pulsar
 from pulsar_rest.events import EventBus, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.names import InvalidName, check_action, check_name
-from pulsar_rest.output import OutputLog, complete_chars
+from pulsar_rest.output import LogWriter, OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
 from tests.conftest import eventually
 
 
+@pytest.fixture
+def writer() -> Iterator[LogWriter]:
+    writer = LogWriter()
+    yield writer
+    writer.close()
+
+
 def _task(tmp_path: Path) -> Task:
-    return Task(id=1, app="a", env="e", action="t", command=["pulsar"], output=OutputLog(tmp_path / "1.log"))
+    # States need no output: the log is never written.
+    return Task(id=1, app="a", env="e", action="t", command=["pulsar"], output=cast(OutputLog, None))
 
 
 def test_task_moves_created_running_finished(tmp_path: Path) -> None:
@@ -48,25 +59,28 @@ def test_finished_needs_a_start_and_end_needs_an_end_state(tmp_path: Path) -> No
     assert task.status is TaskStatus.KILLED
 
 
-async def test_output_decodes_across_chunks_and_replaces_bad_bytes(tmp_path: Path) -> None:
-    out = OutputLog(tmp_path / "out.log")
+async def test_output_decodes_across_chunks_and_replaces_bad_bytes(tmp_path: Path, writer: LogWriter) -> None:
+    out = OutputLog(tmp_path / "out.log", writer)
     euro = "€".encode()
     assert out.feed(b"a" + euro[:1]) == 1
     assert out.feed(euro[1:2]) == 0
     assert out.feed(euro[2:] + b"\xff\n") == len("€\ufffd\n".encode())
     assert out.feed(euro[:2]) == 0
-    assert out.close() == len("\ufffd".encode())
+    assert await out.close() == len("\ufffd".encode())
     expected = "a€\ufffd\n\ufffd"
     assert (await out.tail()) == (0, expected)
     assert (tmp_path / "out.log").read_text() == expected
     assert out.size == len(expected.encode())
 
 
-async def test_output_keeps_a_bounded_tail_and_reads_the_rest_from_disk(tmp_path: Path) -> None:
-    out = OutputLog(tmp_path / "out.log", tail_limit=1000)
+async def test_output_keeps_a_bounded_tail_and_reads_the_rest_from_disk(
+    tmp_path: Path, writer: LogWriter
+) -> None:
+    out = OutputLog(tmp_path / "out.log", writer, tail_limit=1000)
     lines = [f"line {i} é\n".encode() for i in range(5000)]
     for line in lines:
         out.feed(line)
+        await out.drain()  # the writer keeps up: memory holds the tail only
     whole = b"".join(lines)
     assert out.size == len(whole)
     assert out.size - out.tail_start <= 2000  # memory holds the tail only
@@ -76,6 +90,26 @@ async def test_output_keeps_a_bounded_tail_and_reads_the_rest_from_disk(tmp_path
     assert text.encode() == whole[offset:]
     assert out.tail_lines(2) == ["line 4998 é", "line 4999 é"]
     assert out.has_newline_after(out.size - 3) and not out.has_newline_after(out.size)
+    await out.close()
+    assert (tmp_path / "out.log").read_bytes() == whole
+
+
+async def test_output_keeps_in_memory_what_the_file_does_not_hold_yet(tmp_path: Path) -> None:
+    stalled = LogWriter()
+    gate = threading.Event()
+    stalled.submit(gate.wait)  # a disk that does not answer
+    out = OutputLog(tmp_path / "out.log", stalled, tail_limit=100)
+    data = b"".join(f"{i:04}\n".encode() for i in range(1000))
+    for start in range(0, len(data), 50):
+        out.feed(data[start : start + 50])
+    assert out.backlog == len(data)
+    assert await out.read(0, len(data)) == data  # all of it from memory
+    gate.set()
+    await out.drain()
+    assert out.backlog == 0
+    await out.close()
+    assert (tmp_path / "out.log").read_bytes() == data
+    stalled.close()
 
 
 @pytest.mark.parametrize("text", ["a", "é", "€", "😀", "aé€😀"])
@@ -170,3 +204,14 @@ def test_command_and_redaction() -> None:
     assert pulsar.redact("https://tok@github.com/o/r.git") == "https://***@github.com/o/r.git"
     for kept in ("git@github.com:o/r.git", "ssh://git@host/r", "/srv/conf", "user/repo"):
         assert pulsar.redact(kept) == kept
+
+
+async def test_output_fast_path_keeps_valid_utf8_and_replaces_the_rest(
+    tmp_path: Path, writer: LogWriter
+) -> None:
+    out = OutputLog(tmp_path / "out.log", writer)
+    out.feed("été ".encode() + "€".encode()[:1])  # valid, then a character cut by the read
+    out.feed("€".encode()[1:] + b" ok \xff x\n")  # its end, then a byte that is not UTF-8
+    out.feed(b"\xe2\x82")  # cut again, and never finished
+    await out.close()
+    assert (tmp_path / "out.log").read_text() == "été € ok \ufffd x\n\ufffd"

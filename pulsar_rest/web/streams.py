@@ -92,18 +92,19 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     if offset > task.output.size:
         raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
     response = await _open_sse(request)
+    state_seq = task.state_seq  # of the summary sent now
     await response.write(_sse("state", summary(task), offset))
-    state_seq = task.state_seq
     while True:
         if offset < task.output.size:
+            # From inside a character (a client's offset), the text is longer than the bytes read.
+            start = offset
             text, offset = await _read_text(task, offset)
-            await response.write(
-                _sse("output", {"offset": offset - len(text.encode()), "output": text}, offset)
-            )
+            await response.write(_sse("output", {"offset": start, "output": text}, offset))
             continue
         if task.state_seq != state_seq:
             state_seq = task.state_seq
             await response.write(_sse("state", summary(task), offset))
+            continue  # look again: output may have come during the write
         if task.status.ended and task.output.closed:
             await response.write(_sse("end", summary(task), offset))
             break
