@@ -51,19 +51,9 @@ class ExitStatus:
         return cls(None, name)
 
 
-class _Protocol(asyncio.SubprocessProtocol):
-    def __init__(self, on_output: Callable[[bytes], None]) -> None:
-        loop = asyncio.get_running_loop()
-        self._on_output = on_output
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.drained: asyncio.Future[None] = loop.create_future()
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self._on_output(data)
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1 and not self.drained.done():
-            self.drained.set_result(None)
+class _Exit(asyncio.SubprocessProtocol):
+    def __init__(self) -> None:
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def process_exited(self) -> None:
         # Called on the leader's exit even while a descendant still holds the pipe open,
@@ -72,25 +62,42 @@ class _Protocol(asyncio.SubprocessProtocol):
             self.exited.set_result(None)
 
 
+class _Output(asyncio.Protocol):
+    def __init__(self, on_output: Callable[[bytes], None]) -> None:
+        self._on_output = on_output
+        self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self._on_output(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.drained.done():
+            self.drained.set_result(None)
+
+
 class ChildProcess:
     """A running child and its process group."""
 
     def __init__(
         self,
-        transport: asyncio.SubprocessTransport,
-        protocol: _Protocol,
+        process: asyncio.SubprocessTransport,
+        exit_protocol: _Exit,
+        pipe: asyncio.ReadTransport,
+        output: _Output,
         marker: str,
     ) -> None:
-        self._transport = transport
-        self._protocol = protocol
+        self._process = process
+        self._exit = exit_protocol
+        self._pipe = pipe
+        self._output = output
         self._marker = marker
-        self.pid: int = transport.get_pid()
+        self.pid: int = process.get_pid()
         # start_new_session makes the child the leader of its own group.
         self.pgid = self.pid
 
     async def wait_exit(self) -> ExitStatus:
-        await asyncio.shield(self._protocol.exited)
-        returncode = self._transport.get_returncode()
+        await asyncio.shield(self._exit.exited)
+        returncode = self._process.get_returncode()
         assert returncode is not None
         return ExitStatus.from_returncode(returncode)
 
@@ -98,24 +105,23 @@ class ChildProcess:
         """Wait until the output pipe is at its end; False if it is still open at `timeout`."""
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(self._protocol.drained)
+                await asyncio.shield(self._output.drained)
         except TimeoutError:
             return False
         return True
 
     def close(self) -> None:
-        self._transport.close()
+        self._pipe.close()
+        self._process.close()
 
     def pause_output(self) -> None:
         """Stop reading the output pipe: the child blocks once the pipe is full."""
-        pipe = self._transport.get_pipe_transport(1)
-        if pipe is not None and not pipe.is_closing():
-            pipe.pause_reading()  # type: ignore[attr-defined]
+        if not self._pipe.is_closing():
+            self._pipe.pause_reading()
 
     def resume_output(self) -> None:
-        pipe = self._transport.get_pipe_transport(1)
-        if pipe is not None and not pipe.is_closing():
-            pipe.resume_reading()  # type: ignore[attr-defined]
+        if not self._pipe.is_closing():
+            self._pipe.resume_reading()
 
     async def terminate(self, grace: float) -> None:
         """Stop the whole tree: SIGTERM, then SIGKILL to whatever is left after `grace`.
@@ -200,22 +206,28 @@ async def spawn(
     marker = secrets.token_hex(8)
     child_env = dict(os.environ if env is None else env)
     child_env[MARKER_VAR] = marker
-    protocol = _Protocol(on_output)
+    # Our own pipe, not the loop's, so its size can be set whatever the loop (uvloop's
+    # transports do not show their file descriptors). Both stdout and stderr go into it:
+    # merged at the pipe, their order is kept.
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    exit_protocol, output = _Exit(), _Output(on_output)
     try:
-        transport, _ = await loop.subprocess_exec(
-            lambda: protocol,
+        process, _ = await loop.subprocess_exec(
+            lambda: exit_protocol,
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=write_fd,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
             env=child_env,
             cwd=cwd,
         )
     except OSError as exc:
+        os.close(read_fd)
         raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
-    pipe = transport.get_pipe_transport(1)
-    if pipe is not None:
-        with contextlib.suppress(OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
-            fcntl.fcntl(pipe.get_extra_info("pipe").fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
-    return ChildProcess(transport, protocol, marker)
+    finally:
+        os.close(write_fd)  # the child holds its copy: EOF comes when the tree closes it
+    pipe, _ = await loop.connect_read_pipe(lambda: output, os.fdopen(read_fd, "rb", buffering=0))
+    return ChildProcess(process, exit_protocol, pipe, output, marker)

@@ -1,0 +1,642 @@
+"""Live streams: SSE of every task (`/events`), SSE of one task (`/task/:id/stream`) and the
+WebSocket. Cursors resume without loss or repeat; a client that goes away frees its waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pulsar_rest import runner
+from pulsar_rest.events import EventBus, EventKind
+from pulsar_rest.web.keys import BUS, SERVICE
+from tests.conftest import Client, ClientFactory, create, eventually, finished, follow, release, waiters
+from tests.test_errors import assert_envelope
+
+# A deadline for reading what a stream should send soon: a failure, never a pace.
+READ_DEADLINE = 5.0
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A stream that ends, or whose client goes away, logs nothing as an error."""
+    caplog.set_level(logging.WARNING)
+    yield
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+# -- a small SSE client --------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One SSE message: `event` is None for a block of comments only."""
+
+    event: str | None = None
+    data: Any = None
+    id: int | None = None
+    comments: list[str] = field(default_factory=list)
+
+
+class SseReader:
+    """Reads `resp.content` line by line: fields until a blank line, ':' lines are comments."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+
+    async def message(self) -> Message | None:
+        """The next message (comments included), or None when the server closed the stream."""
+        msg = Message()
+        data: list[str] = []
+        seen = False
+        async with asyncio.timeout(READ_DEADLINE):
+            while True:
+                raw = await self.resp.content.readline()
+                if not raw:
+                    assert not seen, "the stream ended within a message"
+                    return None
+                line = raw.decode().rstrip("\r\n") if raw.endswith(b"\n") else raw.decode()
+                if not line:
+                    if not seen:
+                        continue
+                    if data:
+                        msg.data = json.loads("\n".join(data))
+                        msg.event = msg.event or "message"
+                    return msg
+                seen = True
+                if line.startswith(":"):
+                    msg.comments.append(line[1:].strip())
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "event":
+                    msg.event = value
+                elif name == "data":
+                    data.append(value)
+                elif name == "id":
+                    msg.id = int(value)
+
+    async def event(self) -> Message:
+        """The next event, skipping keep-alive comments; the stream must not end."""
+        while True:
+            msg = await self.message()
+            assert msg is not None, "the stream ended"
+            if msg.event is not None:
+                return msg
+
+    async def events(self, count: int) -> list[Message]:
+        return [await self.event() for _ in range(count)]
+
+    async def until(self, done: Any) -> list[Message]:
+        """Events up to and including the first for which `done(event)` holds."""
+        found: list[Message] = []
+        while not found or not done(found[-1]):
+            found.append(await self.event())
+        return found
+
+    async def rest(self) -> list[Message]:
+        """Every event until the server closes the stream."""
+        found: list[Message] = []
+        while (msg := await self.message()) is not None:
+            if msg.event is not None:
+                found.append(msg)
+        return found
+
+
+async def open_sse(client: Client, path: str, **kwargs: Any) -> SseReader:
+    resp = await client.get(path, **kwargs)
+    assert resp.status == 200, await resp.text()
+    return SseReader(resp)
+
+
+def cursor(how: str, query_name: str, value: int) -> dict[str, Any]:
+    """Request arguments resuming at `value`: as browsers do (header) or by the query."""
+    if how == "header":
+        return {"headers": {"Last-Event-ID": str(value)}}
+    return {"params": {query_name: str(value)}}
+
+
+async def log_of(client: Client, task_id: int) -> bytes:
+    resp = await client.get(f"/task/{task_id}/log")
+    assert resp.status == 200
+    return await resp.read()
+
+
+def bus_seq(client: Client) -> int:
+    assert client.app is not None
+    return client.app[BUS].seq
+
+
+def kept_since(client: Client, seq: int) -> list[int]:
+    """The oracle: numbers of the create/change events the server has after `seq`."""
+    assert client.app is not None
+    return [event.seq for event in client.app[BUS].since(seq)]
+
+
+def kept_events(client: Client, seq: int) -> list[tuple[str, int]]:
+    assert client.app is not None
+    return [(event.kind.value, event.task_id) for event in client.app[BUS].since(seq)]
+
+
+# -- GET /events ---------------------------------------------------------------------------
+
+
+async def test_events_headers_and_a_task_lifecycle(client: Client, gates: Path) -> None:
+    sse = await open_sse(client, "/events")
+    assert sse.resp.headers["Content-Type"] == "text/event-stream"
+    assert sse.resp.headers["Cache-Control"] == "no-cache"
+    assert sse.resp.headers["X-Accel-Buffering"] == "no"
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    # A gate holds the task running, so the change to "running" is read while it is true
+    # (the events carry the task as it is when they are sent, not as it was).
+    task = await create(client, "gate[a]")
+    created, running = await sse.events(2)
+    assert created.event == "task.create"
+    assert created.data["event"] == "task.create"
+    assert created.data["task"]["id"] == task["id"]
+    assert created.data["task"]["status"] in ("created", "running")
+    assert "output" not in created.data["task"]
+    assert running.event == "task.change"
+    assert running.data["task"]["status"] == "running"
+    release(gates, "a")
+    (done,) = await sse.events(1)
+    assert done.event == "task.change"
+    assert done.data["task"]["status"] == "finished"
+    assert done.data["task"]["outputSize"] == len(await log_of(client, task["id"]))
+    ids = [m.id for m in (created, running, done)]
+    assert ids == [m.data["seq"] for m in (created, running, done)]
+    assert ids == kept_since(client, 0)  # all of them, increasing, none twice
+    sse.resp.close()
+    await finished(client, task["id"])
+
+
+async def test_events_ok_task_create_then_two_changes(client: Client) -> None:
+    sse = await open_sse(client, "/events")
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    task = await create(client, "ok")
+    got = await sse.events(3)
+    assert [m.event for m in got] == ["task.create", "task.change", "task.change"]
+    assert all(m.data["task"]["id"] == task["id"] for m in got)
+    assert got[-1].data["task"]["status"] == "finished"
+    assert [m.id for m in got] == kept_since(client, 0)
+    sse.resp.close()
+    await finished(client, task["id"])
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_events_resume_without_loss_or_repeat(client: Client, how: str) -> None:
+    sse = await open_sse(client, "/events")
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    first = await create(client, "ok")
+    seen = await sse.events(3)  # created, running, finished
+    assert seen[-1].data["task"]["id"] == first["id"]
+    assert seen[-1].data["task"]["status"] == "finished"
+    last = seen[-1].id
+    assert last is not None
+    sse.resp.close()
+    await eventually(lambda: waiters(client) == 0, what="the stream to go")
+
+    missed = [await create(client, "ok") for _ in range(3)]
+    for task in missed:
+        await finished(client, task["id"])
+    expected = kept_since(client, last)
+    assert len(expected) == 9  # created, running, finished for each
+
+    sse = await open_sse(client, "/events", **cursor(how, "since", last))
+    got = await sse.events(len(expected))
+    assert [m.id for m in got] == expected
+    assert [m.data["seq"] for m in got] == expected
+    assert [(m.event, m.data["task"]["id"]) for m in got] == kept_events(client, last)
+    assert {m.data["task"]["id"] for m in got} == {t["id"] for t in missed}
+    # Nothing more was queued: the next event is the next thing that happens.
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    after = await create(client, "ok")
+    (nxt,) = await sse.events(1)
+    assert nxt.event == "task.create" and nxt.data["task"]["id"] == after["id"]
+    assert nxt.id == expected[-1] + 1
+    sse.resp.close()
+    await finished(client, after["id"])
+
+
+async def test_events_last_event_id_wins_over_since(client: Client) -> None:
+    task = await create(client, "ok")
+    await finished(client, task["id"])
+    sse = await open_sse(client, "/events?since=0", headers={"Last-Event-ID": "1"})
+    got = await sse.events(2)
+    assert [m.id for m in got] == kept_since(client, 1)
+    sse.resp.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "9" * 19])
+async def test_events_bad_last_event_id_is_a_400(client: Client, value: str) -> None:
+    resp = await client.get("/events", headers={"Last-Event-ID": value})
+    assert resp.status == 400
+    body = await resp.json()
+    assert_envelope(body, 400)
+    assert "Last-Event-ID" in body["error"]["message"]
+
+
+async def test_events_burst_each_creation_once_in_order(client: Client) -> None:
+    sse = await open_sse(client, "/events")
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    tasks = await asyncio.gather(*(create(client, "ok") for _ in range(50)))
+    ids = {t["id"] for t in tasks}
+    got: list[Message] = []
+    changes: dict[int, int] = {}
+    while sum(changes.values()) < 100:
+        msg = await sse.event()
+        got.append(msg)
+        if msg.event == "task.change":
+            changes[msg.data["task"]["id"]] = changes.get(msg.data["task"]["id"], 0) + 1
+    creates = [m for m in got if m.event == "task.create"]
+    assert sorted(m.data["task"]["id"] for m in creates) == sorted(ids)
+    assert [m.id for m in creates] == sorted(m.id for m in creates if m.id is not None)
+    assert changes == dict.fromkeys(ids, 2)
+    event_ids = [m.id for m in got]
+    assert event_ids == kept_since(client, 0)  # every event once, in order, none missing
+    sse.resp.close()
+    for task in tasks:
+        await finished(client, task["id"])
+
+
+async def test_events_cursor_from_the_future_resets(client: Client) -> None:
+    sse = await open_sse(client, "/events", headers={"Last-Event-ID": "999999"})
+    reset = await sse.event()
+    assert reset.event == "reset"
+    assert reset.data["seq"] == bus_seq(client) == 0
+    assert reset.id == 0
+    assert "999999" in reset.data["message"]
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    task = await create(client, "ok")
+    live = await sse.event()
+    assert live.event == "task.create" and live.data["task"]["id"] == task["id"]
+    assert live.id == 1
+    sse.resp.close()
+    await finished(client, task["id"])
+
+
+async def test_events_cursor_older_than_the_kept_events_resets(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pulsar_rest.web.app.EventBus", lambda: EventBus(keep=4))
+    client = await make_client()
+    for _ in range(2):  # six events kept as four
+        await finished(client, (await create(client, "ok"))["id"])
+    sse = await open_sse(client, "/events", params={"since": "0"})
+    reset = await sse.event()
+    assert reset.event == "reset"
+    assert reset.data["seq"] == reset.id == bus_seq(client)
+    assert "older" in reset.data["message"]
+    await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
+    task = await create(client, "ok")
+    live = await sse.event()
+    assert live.event == "task.create" and live.data["task"]["id"] == task["id"]
+    sse.resp.close()
+    await finished(client, task["id"])
+
+
+def test_event_bus_horizon() -> None:
+    bus = EventBus(keep=3)
+    for task_id in range(1, 6):
+        bus.publish(EventKind.CREATED, task_id)
+        bus.publish(EventKind.OUTPUT, task_id)  # not kept, but numbered
+    assert bus.seq == 10
+    # Kept: 5, 7, 9; a cursor at 3 (the last one dropped) still gets all that came after it.
+    assert [e.seq for e in bus.since(3)] == [5, 7, 9]
+    assert [e.seq for e in bus.since(6)] == [7, 9]
+    assert bus.since(10) == []
+    with pytest.raises(LookupError, match="older"):
+        bus.since(2)
+    with pytest.raises(LookupError, match="ahead"):
+        bus.since(11)
+
+
+async def test_events_keepalive_while_idle(make_client: ClientFactory) -> None:
+    client = await make_client(keepalive=0.05)
+    sse = await open_sse(client, "/events")
+    msg = await sse.message()
+    assert msg is not None
+    assert msg.event is None and msg.comments == ["keep-alive"]
+    sse.resp.close()
+
+
+# -- GET /task/:id/stream ------------------------------------------------------------------
+
+
+def check_output_events(events: list[Message], start: int) -> bytes:
+    """The output the events carry, checking each starts where the previous one ended and
+    has the next byte offset as its id."""
+    offset = start
+    out = b""
+    for msg in events:
+        if msg.event != "output":
+            assert msg.id == offset, msg
+            continue
+        chunk = msg.data["output"].encode()
+        assert msg.data["offset"] == offset
+        assert msg.id == offset + len(chunk)
+        offset += len(chunk)
+        out += chunk
+    return out
+
+
+async def test_task_stream_live_output_states_and_end(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "gate[a]"))["id"]
+    sse = await open_sse(client, f"/task/{task_id}/stream")
+    assert sse.resp.headers["Content-Type"] == "text/event-stream"
+    assert sse.resp.headers["Cache-Control"] == "no-cache"
+    assert sse.resp.headers["X-Accel-Buffering"] == "no"
+    first = await sse.event()
+    assert first.event == "state" and first.id == 0
+    assert first.data["id"] == task_id and "output" not in first.data
+    # The output arrives while the task still waits at its gate.
+    before = [first, *await sse.until(lambda m: "waiting for a" in str(m.data.get("output")))]
+    task = await (await client.get(f"/task/{task_id}")).json()
+    assert task["status"] == "running"
+    release(gates, "a")
+    after = await sse.rest()  # the server ends the stream
+    events = before + after
+    assert [m.event for m in events[-2:]] == ["state", "end"]
+    assert events[-2].data["status"] == events[-1].data["status"] == "finished"
+    states = [m.data["status"] for m in events if m.event == "state"]
+    assert states[-1] == "finished" and states.count("finished") == 1
+    assert "running" in states
+    log = await log_of(client, task_id)
+    assert check_output_events(events, 0) == log
+    assert events[-1].id == len(log) == events[-1].data["outputSize"]
+    await finished(client, task_id)
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_task_stream_resumes_from_an_offset(client: Client, how: str) -> None:
+    task_id = (await create(client, "lines[50]"))["id"]
+    await finished(client, task_id)
+    log = await log_of(client, task_id)
+    offset = log.index(b"line 17\n")
+    sse = await open_sse(client, f"/task/{task_id}/stream", **cursor(how, "offset", offset))
+    events = await sse.rest()
+    assert events[0].event == "state" and events[0].id == offset
+    assert events[-1].event == "end" and events[-1].id == len(log)
+    assert [m.event for m in events[1:-1]] == ["output"] * (len(events) - 2)
+    assert check_output_events(events, offset) == log[offset:]
+
+
+async def test_task_stream_at_the_end_sends_no_output(client: Client) -> None:
+    task_id = (await create(client, "ok"))["id"]
+    await finished(client, task_id)
+    size = len(await log_of(client, task_id))
+    sse = await open_sse(client, f"/task/{task_id}/stream", headers={"Last-Event-ID": str(size)})
+    events = await sse.rest()
+    assert [(m.event, m.id) for m in events] == [("state", size), ("end", size)]
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_task_stream_offset_past_the_end_is_a_410(client: Client, how: str) -> None:
+    task_id = (await create(client, "ok"))["id"]
+    await finished(client, task_id)
+    size = len(await log_of(client, task_id))
+    resp = await client.get(f"/task/{task_id}/stream", **cursor(how, "offset", size + 1))
+    assert resp.status == 410
+    body = await resp.json()
+    assert_envelope(body, 410)
+    assert "past the end" in body["error"]["message"]
+
+
+async def test_task_stream_unknown_task_is_a_404(client: Client) -> None:
+    resp = await client.get("/task/4242/stream")
+    assert resp.status == 404
+    body = await resp.json()
+    assert_envelope(body, 404)
+    assert "4242" in body["error"]["message"]
+
+
+async def test_task_stream_keeps_characters_whole(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "utf8[u]"))["id"]
+    sse = await open_sse(client, f"/task/{task_id}/stream")
+    # Half of "é" is written before the gate: it is held back, not sent as a broken character.
+    events = await sse.until(lambda m: m.event == "output")
+    assert events[-1].data["output"] == "start "
+    release(gates, "u")
+    events += await sse.rest()
+    log = await log_of(client, task_id)
+    assert check_output_events(events, 0) == log
+    text = "".join(m.data["output"] for m in events if m.event == "output")
+    assert text == log.decode()
+    assert text.startswith("start é end\nbad \ufffd\ufffd bytes\n")
+    await finished(client, task_id)
+
+
+async def test_task_stream_from_inside_a_character(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "utf8[v]"))["id"]
+    release(gates, "v")
+    await finished(client, task_id)
+    log = await log_of(client, task_id)
+    inside = log.index("é".encode()) + 1
+    sse = await open_sse(client, f"/task/{task_id}/stream", params={"offset": str(inside)})
+    events = await sse.rest()
+    outputs = [m for m in events if m.event == "output"]
+    # The event says where its text starts, and its id where the next one does.
+    assert outputs[0].data["offset"] == inside
+    assert outputs[-1].id == len(log)
+    assert "".join(m.data["output"] for m in outputs) == log[inside:].decode(errors="replace")
+
+
+async def test_task_stream_sends_what_changed_during_a_slow_write(
+    client: Client, gates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client slow to take an event: what changes meanwhile is still sent, at once."""
+    assert client.app is not None
+    service = client.app[SERVICE]
+    go = asyncio.Event()
+    real_spawn = runner.spawn
+
+    async def held_spawn(*args: Any, **kwargs: Any) -> runner.ChildProcess:
+        await go.wait()  # the task stays "created" until the stream has started
+        return await real_spawn(*args, **kwargs)
+
+    real_write = web.StreamResponse.write
+
+    async def slow_write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
+        if bytes(data).startswith(b"event: state"):
+            task = service.get(1)
+            if b'"status": "created"' in data:
+                go.set()  # the task starts while this event is being written ...
+                await eventually(lambda: task.status == "running", what="the start")
+            elif b'"status": "running"' in data:
+                # ... and writes its first line while this one is
+                await eventually(lambda: task.output.size > 0, what="the first line")
+        await real_write(self, data)
+
+    monkeypatch.setattr(runner, "spawn", held_spawn)
+    monkeypatch.setattr(web.StreamResponse, "write", slow_write)
+    creating = asyncio.create_task(create(client, "gate[s]"))
+    await eventually(lambda: bus_seq(client) == 1, what="the task to be recorded")
+    sse = await open_sse(client, "/task/1/stream")
+    events = await sse.until(lambda m: m.event == "output")
+    assert [(m.event, m.data.get("status")) for m in events] == [
+        ("state", "created"),
+        ("state", "running"),
+        ("output", None),
+    ]
+    assert events[-1].data["output"] == "waiting for s\n"
+    release(gates, "s")
+    assert (await creating)["id"] == 1
+    await finished(client, 1)
+
+
+# -- GET /websocket ------------------------------------------------------------------------
+
+
+async def ws_receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    async with asyncio.timeout(READ_DEADLINE):
+        msg = await ws.receive()
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    data: dict[str, Any] = json.loads(msg.data)
+    return data
+
+
+async def test_websocket_output_concatenates_to_the_log(client: Client) -> None:
+    ws = await client.ws_connect("/websocket")
+    await eventually(lambda: waiters(client) >= 1, what="the socket to wait")
+    task_id = (await create(client, "lines[2000]"))["id"]
+    messages: list[dict[str, Any]] = []
+    while sum(m["event"] == "task.change" for m in messages) < 2:  # running, then ended
+        messages.append(await ws_receive(ws))
+    log = await log_of(client, (await finished(client, task_id))["id"])
+    # Output still unsent when the task ended may follow its last change.
+    while sum(len(m["output"].encode()) for m in messages if m["event"] == "task.output") < len(log):
+        messages.append(await ws_receive(ws))
+    assert messages[0]["event"] == "task.create"
+    assert messages[0]["task"]["id"] == task_id and "output" not in messages[0]["task"]
+    assert [m["seq"] for m in messages if m["event"] != "task.output"] == kept_since(client, 0)
+    assert all(m["task"]["id"] == task_id for m in messages if m["event"] != "task.output")
+    outputs = [m for m in messages if m["event"] == "task.output"]
+    offset = 0
+    for msg in outputs:
+        assert set(msg) == {"event", "taskId", "offset", "output"}
+        assert msg["taskId"] == task_id
+        assert msg["offset"] == offset
+        offset += len(msg["output"].encode())
+    assert "".join(m["output"] for m in outputs).encode() == log
+    await ws.close()
+    await eventually(lambda: waiters(client) == 0, what="the socket to go")
+
+
+async def test_websocket_output_is_sent_as_deltas(client: Client, gates: Path) -> None:
+    ws = await client.ws_connect("/websocket")
+    await eventually(lambda: waiters(client) >= 1, what="the socket to wait")
+    task_id = (await create(client, "gate[a]"))["id"]
+    messages = [await ws_receive(ws)]
+    while messages[-1]["event"] != "task.output":
+        messages.append(await ws_receive(ws))
+    assert [m["event"] for m in messages] == ["task.create", "task.change", "task.output"]
+    assert messages[1]["task"]["status"] == "running"
+    assert messages[-1]["offset"] == 0 and messages[-1]["output"] == "waiting for a\n"
+    release(gates, "a")
+    log = await log_of(client, (await finished(client, task_id))["id"])
+    rest: list[dict[str, Any]] = []
+    while sum(len(m["output"].encode()) for m in rest if m["event"] == "task.output") < len(
+        log
+    ) - 14 or not any(m["event"] == "task.change" for m in rest):
+        rest.append(await ws_receive(ws))
+    outputs = [m for m in rest if m["event"] == "task.output"]
+    assert outputs[0]["offset"] == len(b"waiting for a\n")
+    assert "".join(m["output"] for m in outputs).encode() == log[14:]
+    assert [m["task"]["status"] for m in rest if m["event"] == "task.change"] == ["finished"]
+    await ws.close()
+
+
+async def test_websocket_since_replays_creations(client: Client) -> None:
+    before = await create(client, "ok")
+    await finished(client, before["id"])
+    since = bus_seq(client)
+    later = [await create(client, "ok") for _ in range(2)]
+    for task in later:
+        await finished(client, task["id"])
+    expected = kept_since(client, since)
+    ws = await client.ws_connect("/websocket", params={"since": str(since)})
+    events: list[dict[str, Any]] = []
+    while len(events) < len(expected):
+        msg = await ws_receive(ws)
+        if msg["event"] != "task.output":
+            events.append(msg)
+    assert [m["seq"] for m in events] == expected
+    creates = [m["task"]["id"] for m in events if m["event"] == "task.create"]
+    assert creates == [t["id"] for t in later]
+    await ws.close()
+
+
+async def test_websocket_wakes_on_every_event(client: Client) -> None:
+    """An event published right after the socket looked for news and found none still
+    wakes it, whenever it comes (a lost wake-up would leave the socket silent)."""
+    assert client.app is not None
+    bus = client.app[BUS]
+    task_id = (await create(client, "ok"))["id"]
+    await finished(client, task_id)
+    ws = await client.ws_connect("/websocket")
+    loop = asyncio.get_running_loop()
+
+    def publish_after(rounds: int) -> None:
+        if rounds:
+            loop.call_soon(publish_after, rounds - 1)
+        else:
+            bus.publish(EventKind.CHANGED, task_id)
+
+    for rounds in range(12):
+        await eventually(lambda: waiters(client) >= 1, what="the socket to wait")
+        first = bus.publish(EventKind.CHANGED, task_id)
+        publish_after(rounds)
+        assert (await ws_receive(ws))["seq"] == first.seq
+        assert (await ws_receive(ws))["seq"] == first.seq + 1, f"lost after {rounds} rounds"
+    await ws.close()
+
+
+async def test_websocket_bad_since_is_a_400(client: Client) -> None:
+    resp = await client.get("/websocket", params={"since": "x"})
+    assert resp.status == 400
+    assert_envelope(await resp.json(), 400)
+
+
+# -- clients that go away ------------------------------------------------------------------
+
+
+async def test_closed_streams_free_their_waiters(client: Client, gates: Path) -> None:
+    task_id = (await create(client, "gate[w]"))["id"]
+    await follow(client, task_id, lambda t: "waiting for w" in t["output"])
+    streams: list[aiohttp.ClientResponse] = []
+    for _ in range(5):
+        streams.append((await open_sse(client, "/events")).resp)
+        sse = await open_sse(client, f"/task/{task_id}/stream")
+        await sse.until(lambda m: m.event == "output")
+        streams.append(sse.resp)
+    await eventually(lambda: waiters(client) >= 10, what="ten waiters")
+    for resp in streams:
+        resp.close()
+    await eventually(lambda: waiters(client) == 0, timeout=3, what="the waiters to go")
+    release(gates, "w")
+    await finished(client, task_id)
+
+
+async def test_closed_websockets_free_their_waiters(client: Client) -> None:
+    sockets = [await client.ws_connect("/websocket") for _ in range(5)]
+    await eventually(lambda: waiters(client) == 5, what="five waiters")
+    for ws in sockets:
+        await ws.close()
+    # Whether the handler sees the close or is cancelled as the connection goes, its wait ends.
+    await eventually(lambda: waiters(client) == 0, timeout=3, what="the waiters to go")
+    # And the service still answers the next socket at once.
+    ws = await client.ws_connect("/websocket")
+    await eventually(lambda: waiters(client) == 1, what="the new socket to wait")
+    task = await create(client, "ok")
+    assert (await ws_receive(ws))["task"]["id"] == task["id"]
+    await ws.close()
+    await finished(client, task["id"])
