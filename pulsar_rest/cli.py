@@ -7,7 +7,7 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -29,22 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
         ssl_context = server_context(settings) if settings.tls else None
         configure_logging(settings)
-        with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
-            return runner.run(serve(settings, ssl_context))
+        return asyncio.run(serve(settings, ssl_context))
     except (SettingsError, TLSError, StartupError) as exc:
         print(f"pulsar-rest: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if settings.event_loop == "uvloop":
-        import uvloop
-
-        # About twice the requests per second of asyncio's own loop (see the benchmark).
-        return uvloop.new_event_loop
-    return None
 
 
 def configure_logging(settings: Settings) -> None:

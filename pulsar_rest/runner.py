@@ -207,9 +207,8 @@ async def spawn(
     marker = secrets.token_hex(8)
     child_env = dict(os.environ if env is None else env)
     child_env[MARKER_VAR] = marker
-    # Our own pipe, not the loop's, so its size can be set whatever the loop (uvloop's
-    # transports do not show their file descriptors). Both stdout and stderr go into it:
-    # merged at the pipe, their order is kept.
+    # Our own pipe, so its size is set before the child writes a byte. Both stdout and
+    # stderr go into it: merged at the pipe, their order is kept.
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
         fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)

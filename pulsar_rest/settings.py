@@ -49,7 +49,6 @@ class Settings:
     long_poll_timeout: float = 30.0
     kill_grace: float = 10.0
     keepalive: float = 15.0
-    event_loop: str = "uvloop"
     access_log: bool = False
     debug: bool = False
 
@@ -155,7 +154,6 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("long-poll-timeout", _seconds(0.001, 3600), "longest wait of a long-poll", "SECONDS"),
     _Option("kill-grace", _seconds(0, 3600), "seconds between SIGTERM and SIGKILL on a kill", "SECONDS"),
     _Option("keepalive", _seconds(0.01, 3600), "seconds between keep-alive messages on streams", "SECONDS"),
-    _Option("event-loop", _choice("uvloop", "asyncio"), "the asyncio event loop to run on", "uvloop|asyncio"),
     _Option("access-log", _bool, "log every HTTP request (a proxy in front usually does)"),
     _Option("debug", _bool, "debug logging, and tracebacks in error answers"),
 )
