@@ -28,6 +28,7 @@ class Event:
     seq: int
     kind: EventKind
     task_id: int
+    status: str | None = None  # the task's status when the event happened
 
 
 def created_topic() -> str:
@@ -91,9 +92,9 @@ class EventBus:
     def waiter_count(self) -> int:
         return sum(len(waiters) for waiters in self._waiters.values())
 
-    def publish(self, kind: EventKind, task_id: int) -> Event:
+    def publish(self, kind: EventKind, task_id: int, status: str | None = None) -> Event:
         self._seq += 1
-        event = Event(self._seq, kind, task_id)
+        event = Event(self._seq, kind, task_id, status)
         if kind is not EventKind.OUTPUT:
             if len(self._recent) == self._recent.maxlen:
                 self._horizon = self._recent[0].seq

@@ -166,7 +166,7 @@ class TaskService:
         child.resume_output()
 
     def _publish(self, task: Task, kind: EventKind) -> None:
-        event = self._bus.publish(kind, task.id)
+        event = self._bus.publish(kind, task.id, task.status.value)
         task.seq = event.seq
         if kind is EventKind.CREATED:
             task.created_seq = event.seq

@@ -55,7 +55,10 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
 
 
 def _change(service: TaskService, event: Event) -> dict[str, Any]:
-    return {"event": event.kind.value, "seq": event.seq, "task": summary(service.get(event.task_id))}
+    # `status` is the task's at the event; `task` is the task now (a replayed event may be
+    # older than the task it shows).
+    task = summary(service.get(event.task_id))
+    return {"event": event.kind.value, "seq": event.seq, "status": event.status, "task": task}
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -143,6 +146,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 cursor = bus.seq
                 continue
             for event in pending:
+                if event.task_id in offsets:
+                    # A task's output comes before its change, so its end follows its last byte.
+                    await _send_task_output(ws, service.get(event.task_id), offsets)
                 await ws.send_json(_change(service, event))
                 cursor = event.seq
                 if event.kind.value == "task.create":
@@ -171,14 +177,23 @@ async def _news(bus: EventBus, seen: int) -> None:
 
 async def _send_output(ws: web.WebSocketResponse, service: TaskService, offsets: dict[int, int]) -> bool:
     sent = False
-    for task_id, offset in list(offsets.items()):
+    for task_id in list(offsets):
         task = service.get(task_id)
-        if offset < task.output.size:
-            text, offsets[task_id] = await _read_text(task, offset)
-            await ws.send_json({"event": "task.output", "taskId": task_id, "offset": offset, "output": text})
-            sent = True
-        elif task.status.ended and task.output.closed:
+        sent = await _send_task_output(ws, task, offsets) or sent
+        if task.status.ended and task.output.closed and offsets[task_id] >= task.output.size:
             del offsets[task_id]
+    return sent
+
+
+async def _send_task_output(ws: web.WebSocketResponse, task: Task, offsets: dict[int, int]) -> bool:
+    """Send the task's output from the client's offset up to what there is now."""
+    sent = False
+    while (offset := offsets[task.id]) < task.output.size:
+        text, offsets[task.id] = await _read_text(task, offset)
+        if offsets[task.id] == offset:
+            break  # only part of a character so far
+        await ws.send_json({"event": "task.output", "taskId": task.id, "offset": offset, "output": text})
+        sent = True
     return sent
 
 
