@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from pulsar_rest.settings import Settings, SettingsError, load_settings
+from pulsar_rest.store import StoreError
 from pulsar_rest.tls import TLSError, server_context
-from pulsar_rest.web.app import create_app
+from pulsar_rest.web.app import create_app, shutdown
 
 log = logging.getLogger("pulsar_rest")
 
@@ -69,8 +70,8 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
     )
     try:
         await runner.setup()
-    except OSError as exc:
-        raise StartupError(f"--data-dir {settings.data_dir}: {exc.strerror or exc}") from None
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
     try:
         site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         try:
@@ -84,9 +85,11 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
             host, port = address[:2]
             log.info("listening on %s://%s:%d/", scheme, _url_host(host), port)
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping: new tasks refused, running tasks get %gs to end", settings.shutdown_grace)
+        await shutdown(runner.app, settings.shutdown_grace)
     finally:
         await runner.cleanup()
+    log.info("stopped")
     return 0
 
 

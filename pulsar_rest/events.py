@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 # How many create/change events are kept for cursors (`since`, Last-Event-ID). Output
-# events are not kept: output is replayed from the log by byte offset.
+# events are neither numbered nor kept: output is replayed from the log by byte offset.
 KEEP_EVENTS = 10_000
 
 
@@ -25,6 +25,8 @@ class EventKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    # The cursor: creations and status changes each take the next number; output events
+    # carry the current one (output is addressed by byte offset).
     seq: int
     kind: EventKind
     task_id: int
@@ -73,6 +75,7 @@ class EventBus:
 
     def __init__(self, last_seq: int = 0, keep: int | None = None) -> None:
         self._seq = last_seq
+        self._published = 0
         # Cursors at or after this one can be answered from `_recent`.
         self._horizon = last_seq
         self._recent: deque[Event] = deque(maxlen=KEEP_EVENTS if keep is None else keep)
@@ -85,6 +88,11 @@ class EventBus:
         return self._seq
 
     @property
+    def published(self) -> int:
+        """How many events were published, of every kind: a change of it is news."""
+        return self._published
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -93,9 +101,12 @@ class EventBus:
         return sum(len(waiters) for waiters in self._waiters.values())
 
     def publish(self, kind: EventKind, task_id: int, status: str | None = None) -> Event:
-        self._seq += 1
-        event = Event(self._seq, kind, task_id, status)
-        if kind is not EventKind.OUTPUT:
+        self._published += 1
+        if kind is EventKind.OUTPUT:
+            event = Event(self._seq, kind, task_id, status)
+        else:
+            self._seq += 1
+            event = Event(self._seq, kind, task_id, status)
             if len(self._recent) == self._recent.maxlen:
                 self._horizon = self._recent[0].seq
             self._recent.append(event)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# What a running task keeps in memory, and what a task shows as `output` in its JSON.
+# What a running task keeps in memory, and what a task shows as `output` in its JSON. An
+# ended task keeps nothing: its output is read back from its file (from the page cache,
+# mostly), so thousands of tasks in the history hold no output in memory.
 TAIL_LIMIT = 1024 * 1024
-# What an ended task keeps in memory: enough for most outputs and pulsar's verdict lines;
-# more is read back from its file. Thousands of ended tasks then hold little memory.
-ENDED_TAIL = 64 * 1024
 
 
 def _char_start(data: bytes | bytearray, limit: int = 4) -> int:
@@ -73,17 +72,23 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class OutputLog:
-    def __init__(self, path: Path, writer: LogWriter, tail_limit: int = TAIL_LIMIT) -> None:
+    def __init__(self, path: Path, writer: LogWriter | None, tail_limit: int = TAIL_LIMIT) -> None:
+        """A new, empty log (whatever a file of that name held before), written by `writer`;
+        without a writer, the existing log of an ended task, for reading."""
         self.path = path
-        # A new task's log starts empty, whatever a file of that name held before.
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._fd: int | None = None
+        if writer is not None:
+            self._fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640
+            )
         self._writer = writer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tail = bytearray()
         self._tail_limit = tail_limit
-        self._closed = False
+        self._closed = writer is None
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self.size = 0  # bytes in the log (some may still be on their way to the file)
+        # Bytes in the log (some may still be on their way to the file).
+        self.size = 0 if writer is not None or not path.exists() else path.stat().st_size
         self.backlog = 0  # bytes not yet written to the file
         self.error: OSError | None = None  # the first write error, if the disk failed us
 
@@ -111,10 +116,13 @@ class OutputLog:
     async def close(self) -> int:
         """Flush a trailing incomplete character (as U+FFFD), wait until everything is in
         the file, and close it; return how many bytes the flush added."""
+        if self._closed:
+            return 0
         added = self._append(self._decoder.decode(b"", final=True).encode())
         self._closed = True
+        assert self._writer is not None and self._fd is not None
         await self._writer.submit(os.close, self._fd)
-        del self._tail[: max(0, len(self._tail) - ENDED_TAIL)]
+        self._tail = bytearray()  # all of it is in the file now
         return added
 
     async def drain(self, below: int = 0) -> None:
@@ -127,7 +135,7 @@ class OutputLog:
     def _append(self, data: bytes) -> int:
         if not data:
             return 0
-        if self._closed:
+        if self._closed or self._writer is None or self._fd is None:
             raise ValueError(f"{self.path} is closed")
         self.size += len(data)
         self.backlog += len(data)
@@ -164,9 +172,9 @@ class OutputLog:
         skip = _char_start(data)
         return start + skip, data[skip:].decode(errors="replace")
 
-    def tail_lines(self, count: int) -> list[str]:
-        """The last `count` lines of what is in memory (at least the last 64 KiB)."""
-        data = self._tail[-ENDED_TAIL:]
+    def tail_lines(self, count: int, window: int = 64 * 1024) -> list[str]:
+        """The last `count` lines within the last `window` bytes in memory (while it runs)."""
+        data = self._tail[-window:]
         return data[_char_start(data) :].decode(errors="replace").splitlines()[-count:]
 
     def has_newline_after(self, offset: int) -> bool:
@@ -187,6 +195,9 @@ class OutputLog:
         return await asyncio.get_running_loop().run_in_executor(None, self._read_file, offset, end)
 
     def _read_file(self, offset: int, end: int) -> bytes:
-        with self.path.open("rb") as log:
-            log.seek(offset)
-            return log.read(end - offset)
+        try:
+            with self.path.open("rb") as log:
+                log.seek(offset)
+                return log.read(end - offset)
+        except FileNotFoundError:
+            return b""  # pruned from the history while it was being read

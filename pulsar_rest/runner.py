@@ -174,6 +174,20 @@ class ChildProcess:
         return True
 
 
+def kill_marked(markers: set[str]) -> int:
+    """SIGKILL every process carrying one of `markers` (left by a server that crashed);
+    return how many. Blocking: it reads /proc."""
+    count = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(MARKER_VAR) in markers:
+                proc.kill()
+                count += 1
+        except (psutil.Error, OSError):
+            continue
+    return count
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -199,12 +213,14 @@ async def spawn(
     argv: Sequence[str],
     on_output: Callable[[bytes], None],
     *,
+    marker: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
 ) -> ChildProcess:
-    """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes."""
+    """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes.
+    `marker` (random if not given) marks the child and its descendants: see kill_marked."""
     loop = asyncio.get_running_loop()
-    marker = secrets.token_hex(8)
+    marker = marker or secrets.token_hex(8)
     child_env = dict(os.environ if env is None else env)
     child_env[MARKER_VAR] = marker
     # Our own pipe, so its size is set before the child writes a byte. Both stdout and

@@ -1,19 +1,22 @@
-"""Use cases on tasks: create and start, kill, watch until the end. Ties the store, the
-event bus and the runner together; knows nothing of HTTP."""
+"""Use cases on tasks: create and start, kill, watch until the end, recover after a
+restart, stop for a shutdown, prune old history. Ties the store, the event bus and the
+runner together; knows nothing of HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pulsar_rest import pulsar, runner
-from pulsar_rest.events import EventBus, EventKind, state_topic
+from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.names import check_action, check_name
 from pulsar_rest.store import TaskStore
-from pulsar_rest.tasks import Task, TaskStatus
+from pulsar_rest.tasks import Task, TaskStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,11 @@ class TaskNotFound(LookupError):
 class TaskEnded(RuntimeError):
     def __init__(self, task: Task) -> None:
         super().__init__(f"task {task.id} has already ended ({task.status})")
+
+
+class ShuttingDown(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down: no new task is started")
 
 
 # Output waiting for the disk beyond which a task's pipe is no longer read (the task then
@@ -42,30 +50,71 @@ class RunConfig:
     # How long to keep reading output after the task's processes are gone: a daemon that
     # escaped the tree may hold the pipe open forever.
     drain_timeout: float = 5.0
+    retain_tasks: int | None = None  # ended tasks kept, newest first; None: all
+    retain_days: float | None = None  # days an ended task is kept; None: for ever
+
+
+# How often old history is pruned by age (by count, it is after each task's end).
+PRUNE_EVERY = 3600.0
 
 
 class TaskService:
-    def __init__(self, store: TaskStore, bus: EventBus, config: RunConfig) -> None:
+    def __init__(
+        self, store: TaskStore, bus: EventBus, config: RunConfig, history: Iterable[Task] = ()
+    ) -> None:
         self._store = store
         self._bus = bus
         self._config = config
+        self._tasks: dict[int, Task] = {task.id: task for task in history}  # oldest first
         self._children: dict[int, runner.ChildProcess] = {}
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
         self._background: set[asyncio.Task[Any]] = set()
+        self._pruner: asyncio.Task[None] | None = None
+        # Resolved when each running task ends: waits that go on while the bus is closed.
+        self._ends: dict[int, asyncio.Future[None]] = {}
+        self._closing = False
 
     def get(self, task_id: int) -> Task:
-        task = self._store.get(task_id)
+        task = self._tasks.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
         return task
 
-    def tasks(self) -> Iterable[Task]:
-        return iter(self._store)
+    def find(self, task_id: int) -> Task | None:
+        """The task, or None if there is none (it may have been pruned)."""
+        return self._tasks.get(task_id)
 
-    async def create(self, app: str, env: str, action: str) -> Task:
+    def tasks(self) -> Iterable[Task]:
+        """Every task, oldest first."""
+        return list(self._tasks.values())
+
+    @property
+    def running(self) -> int:
+        return sum(1 for task in self._tasks.values() if not task.status.ended)
+
+    async def start(self) -> None:
+        """After a restart: tasks that were going when the server stopped are recorded as
+        interrupted, and processes they left running are stopped. Then old history goes."""
+        orphans = [task for task in self._tasks.values() if not task.status.ended]
+        for task in orphans:
+            task.end(TaskStatus.INTERRUPTED)
+            self._store.save(task)
+            self._publish(task, EventKind.CHANGED)
+            log.warning("task %d was %s when the server stopped: interrupted", task.id, "running")
+        markers = {task.marker for task in orphans if task.marker}
+        if markers:
+            stopped = await asyncio.to_thread(runner.kill_marked, markers)
+            if stopped:
+                log.warning("stopped %d processes left by interrupted tasks", stopped)
+        await self.prune()
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_periodically())
+
+    async def create(self, app: str, env: str, action: str, by: str | None = None) -> Task:
         """Record a task and start its process. Once recorded, the start goes on even if
         the caller is cancelled: a task is never left half-made."""
+        if self._closing:
+            raise ShuttingDown()
         check_name("app", app)
         check_name("environment", env)
         check_action(action)
@@ -78,21 +127,26 @@ class TaskService:
             action=action,
             command=[pulsar.redact(arg) for arg in argv],
             output=self._store.new_output(task_id),
+            created_by=by,
+            marker=secrets.token_hex(8),
         )
-        self._store.add(task)
+        self._tasks[task.id] = task
+        self._ends[task.id] = asyncio.get_running_loop().create_future()
         self._publish(task, EventKind.CREATED)
-        log.info("task %d created: %s", task.id, " ".join(task.command))
+        log.info("task %d created by %s: %s", task.id, by or "anonymous", " ".join(task.command))
         await asyncio.shield(self._own(self._start(task, argv)))
         return task
 
-    async def kill(self, task_id: int) -> Task:
+    async def kill(self, task_id: int, by: str | None = None) -> Task:
         """Ask a task to stop (SIGTERM to its tree, SIGKILL after the grace period)."""
         task = self.get(task_id)
         if task.status.ended:
             raise TaskEnded(task)
         if task_id not in self._kill_requested:
             self._kill_requested.add(task_id)
-            log.info("task %d: kill requested", task_id)
+            task.killed_by = by
+            self._store.save(task)
+            log.info("task %d: kill requested by %s", task_id, by or "anonymous")
             child = self._children.get(task_id)
             if child is not None:
                 self._own(child.terminate(self._config.kill_grace))
@@ -101,24 +155,61 @@ class TaskService:
 
     async def wait_ended(self, task: Task, timeout: float) -> bool:
         """Wait until `task` has ended; False if it is still going after `timeout`."""
+        ended = self._ends.get(task.id)
+        if ended is None or task.status.ended:
+            return task.status.ended
+        try:
+            await asyncio.wait_for(asyncio.shield(ended), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def stop_accepting(self) -> None:
+        """The server is stopping: new tasks are refused from now on."""
+        self._closing = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no task is going, at most `timeout` seconds; True if none is."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not task.status.ended:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+        for task in [task for task in self._tasks.values() if not task.status.ended]:
+            if not await self.wait_ended(task, max(0.0, deadline - loop.time())):
                 return False
-            await self._bus.wait(state_topic(task.id), remaining)
         return True
 
     async def close(self) -> None:
-        """Stop every running task (recorded as killed) and wait for the bookkeeping."""
-        for task_id in list(self._children):
-            await self.kill(task_id)
+        """Stop every running task (recorded as killed by "shutdown"), wait for the
+        bookkeeping, and close the store."""
+        self._closing = True
+        if self._pruner is not None:
+            self._pruner.cancel()
+        for task in [task for task in self._tasks.values() if not task.status.ended]:
+            await self.kill(task.id, by="shutdown")
         if self._background:
             await asyncio.wait(self._background, timeout=self._config.kill_grace + 10)
         for leftover in list(self._background):
             leftover.cancel()
-        self._store.close()
+        await self._store.close()
+
+    async def prune(self) -> None:
+        """Remove the oldest ended tasks beyond --retain-tasks or --retain-days."""
+        ended = [task for task in self._tasks.values() if task.status.ended]
+        doomed: list[Task] = []
+        if self._config.retain_tasks is not None:
+            doomed = ended[: max(0, len(ended) - self._config.retain_tasks)]
+        if self._config.retain_days is not None:
+            cutoff = utcnow() - timedelta(days=self._config.retain_days)
+            doomed += [t for t in ended[len(doomed) :] if (t.finished_at or t.created_at) < cutoff]
+        if doomed:
+            for task in doomed:
+                del self._tasks[task.id]
+            await self._store.delete(doomed)
+            log.info("pruned %d old tasks (%d to %d)", len(doomed), doomed[0].id, doomed[-1].id)
+
+    async def _prune_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)  # a timer, not a synchronisation
+            await self.prune()
 
     def _own(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in the background, kept so it is neither collected nor forgotten."""
@@ -133,8 +224,16 @@ class TaskService:
             log.error("background work failed", exc_info=bg.exception())
 
     async def _start(self, task: Task, argv: list[str]) -> None:
+        # On disk before anything runs: its id is never handed out again, even after a crash.
         try:
-            child = await runner.spawn(argv, lambda data: self._output(task, data))
+            await self._store.add(task)
+        except Exception:
+            log.exception("task %d: cannot record it, so it is not started", task.id)
+            self._output(task, b"pulsar-rest: the task could not be recorded: see the server log\n")
+            await self._end(task, TaskStatus.FAILED, runner.ExitStatus(None, None))
+            return
+        try:
+            child = await runner.spawn(argv, lambda data: self._output(task, data), marker=task.marker)
         except runner.SpawnError as exc:
             log.warning("task %d: %s", task.id, exc)
             self._output(task, f"pulsar-rest: {exc}\n".encode())
@@ -167,7 +266,6 @@ class TaskService:
 
     def _publish(self, task: Task, kind: EventKind) -> None:
         event = self._bus.publish(kind, task.id, task.status.value)
-        task.seq = event.seq
         if kind is EventKind.CREATED:
             task.created_seq = event.seq
         elif kind is EventKind.CHANGED:
@@ -203,6 +301,9 @@ class TaskService:
         self._kill_requested.discard(task.id)
         self._store.save(task)
         self._publish(task, EventKind.CHANGED)
+        ended = self._ends.pop(task.id, None)
+        if ended is not None:
+            ended.set_result(None)
         log.info(
             "task %d %s (exit code %s, signal %s)",
             task.id,
@@ -210,3 +311,5 @@ class TaskService:
             exit_status.code,
             exit_status.signal,
         )
+        if self._config.retain_tasks is not None:
+            await self.prune()

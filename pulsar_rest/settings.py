@@ -49,6 +49,9 @@ class Settings:
     long_poll_timeout: float = 30.0
     kill_grace: float = 10.0
     keepalive: float = 15.0
+    shutdown_grace: float = 30.0
+    retain_tasks: int | None = None
+    retain_days: float | None = None
     access_log: bool = False
     debug: bool = False
 
@@ -84,15 +87,22 @@ def _int(value: object) -> int:
         raise ValueError("must be a whole number") from None
 
 
-def _seconds(low: float, high: float) -> Callable[[object], float]:
+def _count(value: object) -> int:
+    count = _int(value)
+    if count < 0:
+        raise ValueError("must be 0 or more")
+    return count
+
+
+def _seconds(low: float, high: float, unit: str = "seconds") -> Callable[[object], float]:
     def parse(value: object) -> float:
         try:
-            seconds = float(str(value))
+            number = float(str(value))
         except ValueError:
-            raise ValueError("must be a number of seconds") from None
-        if not low <= seconds <= high:
-            raise ValueError(f"must be between {low:g} and {high:g} seconds")
-        return seconds
+            raise ValueError(f"must be a number of {unit}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} {unit}")
+        return number
 
     return parse
 
@@ -154,6 +164,14 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("long-poll-timeout", _seconds(0.001, 3600), "longest wait of a long-poll", "SECONDS"),
     _Option("kill-grace", _seconds(0, 3600), "seconds between SIGTERM and SIGKILL on a kill", "SECONDS"),
     _Option("keepalive", _seconds(0.01, 3600), "seconds between keep-alive messages on streams", "SECONDS"),
+    _Option("shutdown-grace", _seconds(0, 86400), "on SIGTERM, seconds running tasks get to end", "SECONDS"),
+    _Option("retain-tasks", _count, "ended tasks kept in the history, newest first (default: all)", "N"),
+    _Option(
+        "retain-days",
+        _seconds(0, 36500, "days"),
+        "days an ended task is kept in the history (default: for ever)",
+        "DAYS",
+    ),
     _Option("access-log", _bool, "log every HTTP request (a proxy in front usually does)"),
     _Option("debug", _bool, "debug logging, and tracebacks in error answers"),
 )

@@ -1,66 +1,246 @@
-"""Where tasks are kept. The service talks to the `TaskStore` interface only, so a
-persistent store (SQLite, PostgreSQL) replaces the in-memory one without touching it."""
+"""Where task history is kept: SQLite in the data directory, output in one log file per task.
+
+The service talks to the `TaskStore` interface only, so another store (PostgreSQL shared by
+several instances) replaces this one without touching it. Every database call runs in one
+thread of its own, in order: a long-poll's wake-up never waits on a disk write.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from pulsar_rest.output import LogWriter, OutputLog
-from pulsar_rest.tasks import Task
+from pulsar_rest.tasks import Task, TaskStatus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DB_NAME = "pulsar-rest.db"
+LOG_DIR = "logs"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- AUTOINCREMENT: an id is never handed out twice, even after the newest rows are pruned.
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    env TEXT NOT NULL,
+    action TEXT NOT NULL,
+    command TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    pid INTEGER,
+    exit_code INTEGER,
+    signal TEXT,
+    created_by TEXT,
+    killed_by TEXT,
+    marker TEXT,
+    created_seq INTEGER NOT NULL,
+    state_seq INTEGER NOT NULL,
+    output_size INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+"""
+
+_COLUMNS = (
+    "id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code, "
+    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size"
+)
+# Built from the constant above only: no value ever goes into the text of a statement.
+_SELECT_ALL = f"SELECT {_COLUMNS} FROM tasks ORDER BY id"  # noqa: S608
+_UPSERT = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * (_COLUMNS.count(',') + 1))})"  # noqa: S608
+
+
+class StoreError(RuntimeError):
+    """The data directory cannot be used: the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class History:
+    """What a store holds at start: the tasks (oldest first), and this run's number."""
+
+    tasks: list[Task]
+    run: int
 
 
 class TaskStore(Protocol):
+    async def open(self) -> History:
+        """Open (creating it if needed) and load the history; each open is a new run."""
+
     def next_id(self) -> int:
-        """A task id never handed out before."""
+        """A task id never handed out before, even by an earlier run."""
 
     def new_output(self, task_id: int) -> OutputLog:
         """The (empty) output log of a new task."""
 
-    def add(self, task: Task) -> None: ...
+    async def add(self, task: Task) -> None:
+        """Record a new task; it is on disk when this returns."""
 
     def save(self, task: Task) -> None:
-        """Record a change of `task` (its status, pid, timings)."""
+        """Record a change of `task` (status, pid, times, who killed it), in order, soon."""
 
-    def get(self, task_id: int) -> Task | None: ...
+    async def delete(self, tasks: Iterable[Task]) -> None:
+        """Remove ended tasks and their output."""
 
-    def __iter__(self) -> Iterator[Task]:
-        """Every task, oldest first."""
-
-    def close(self) -> None:
-        """Release what the store holds (after the last task has ended)."""
+    async def close(self) -> None:
+        """Write what is pending and let go of the files."""
 
 
-class MemoryStore:
-    """Tasks in a dict, ids from a counter: lost on restart. Output logs go to `log_dir`."""
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
-    def __init__(self, log_dir: Path) -> None:
-        self._tasks: dict[int, Task] = {}
-        self._last_id = 0
-        self._log_dir = log_dir
+
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+class SqliteStore:
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+        self._logs = data_dir / LOG_DIR
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-db")
         self._writer = LogWriter()
+        self._last_id = 0
 
-    def new_output(self, task_id: int) -> OutputLog:
-        return OutputLog(self._log_dir / f"{task_id}.log", self._writer)
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    async def open(self) -> History:
+        try:
+            self._logs.mkdir(parents=True, exist_ok=True)
+            history = await self._call(self._open)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"--data-dir {self._data_dir}: {DB_NAME} cannot be used ({exc}): restore it from a "
+                "backup, or move it away to start with an empty history"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"--data-dir {self._data_dir}: {exc.strerror or exc}") from None
+        self._last_id = max((task.id for task in history.tasks), default=self._last_id)
+        return history
+
+    def _open(self) -> History:
+        db = sqlite3.connect(self._data_dir / DB_NAME, isolation_level=None, check_same_thread=False)
+        self._db = db
+        # WAL: readers never wait for the writer, and a commit survives the process being
+        # killed (synchronous=NORMAL loses at most the last commits on a power cut).
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check: {check}")
+        db.executescript(_SCHEMA)
+        version = int(self._meta("schema") or SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema {version} is newer than this pulsar-rest knows")
+        run = int(self._meta("run") or 0) + 1
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
+        rows = db.execute(_SELECT_ALL).fetchall()
+        last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+        self._last_id = last[0] if last else 0
+        return History([self._task(row) for row in rows], run)
+
+    def _meta(self, key: str) -> str | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _task(self, row: tuple[Any, ...]) -> Task:
+        (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid,
+         exit_code, signal, created_by, killed_by, marker, created_seq, state_seq, _) = row  # fmt: skip
+        return Task(
+            id=task_id,
+            app=app,
+            env=env,
+            action=action,
+            command=json.loads(command),
+            # The log file, not the last size recorded, says how much output there is: it
+            # is written before the database hears of it.
+            output=OutputLog(self._log_path(task_id), None),
+            created_at=datetime.fromisoformat(created_at),
+            status=TaskStatus(status),
+            started_at=_time(started_at),
+            finished_at=_time(finished_at),
+            pid=pid,
+            exit_code=exit_code,
+            signal=signal,
+            created_by=created_by,
+            killed_by=killed_by,
+            marker=marker,
+            created_seq=created_seq,
+            state_seq=state_seq,
+        )
+
+    # -- writing ---------------------------------------------------------------------------
 
     def next_id(self) -> int:
         self._last_id += 1
         return self._last_id
 
-    def add(self, task: Task) -> None:
-        if task.id in self._tasks:
-            raise ValueError(f"task {task.id} exists already")
-        self._tasks[task.id] = task
+    def _log_path(self, task_id: int) -> Path:
+        return self._logs / f"{task_id}.log"
+
+    def new_output(self, task_id: int) -> OutputLog:
+        return OutputLog(self._log_path(task_id), self._writer)
+
+    @staticmethod
+    def _row(task: Task) -> tuple[Any, ...]:
+        return (
+            task.id, task.app, task.env, task.action, json.dumps(task.command), task.status.value,
+            _iso(task.created_at), _iso(task.started_at), _iso(task.finished_at), task.pid,
+            task.exit_code, task.signal, task.created_by, task.killed_by, task.marker,
+            task.created_seq, task.state_seq, task.output.size,
+        )  # fmt: skip
+
+    def _upsert(self, row: tuple[Any, ...]) -> None:
+        assert self._db is not None
+        self._db.execute(_UPSERT, row)
+
+    async def add(self, task: Task) -> None:
+        await self._call(self._upsert, self._row(task))
 
     def save(self, task: Task) -> None:
-        pass  # the dict holds the live object
+        # The row is taken now, as the task is; the write follows the earlier ones.
+        done = self._thread.submit(self._upsert, self._row(task))
+        done.add_done_callback(_log_failure)
 
-    def get(self, task_id: int) -> Task | None:
-        return self._tasks.get(task_id)
+    async def delete(self, tasks: Iterable[Task]) -> None:
+        doomed = [task for task in tasks if task.status.ended]
+        await self._call(self._delete, [task.id for task in doomed])
+        for task in doomed:
+            task.output.path.unlink(missing_ok=True)
 
-    def __iter__(self) -> Iterator[Task]:
-        return iter(list(self._tasks.values()))
+    def _delete(self, ids: list[int]) -> None:
+        assert self._db is not None
+        self._db.execute("BEGIN")
+        self._db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id in ids])
+        self._db.execute("COMMIT")
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
         self._writer.close()
+
+
+def _log_failure(done: Any) -> None:
+    if done.exception() is not None:
+        log.error("cannot record a task in %s", DB_NAME, exc_info=done.exception())

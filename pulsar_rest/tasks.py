@@ -14,22 +14,25 @@ class TaskStatus(enum.StrEnum):
     RUNNING = "running"  # its process was started and has not ended
     FINISHED = "finished"  # exited 0 and pulsar did not report a failure
     FAILED = "failed"  # non-zero exit, pulsar's failure line, or the process could not start
-    KILLED = "killed"  # stopped on request
+    KILLED = "killed"  # stopped on request (or by a shutdown that could not wait for it)
+    INTERRUPTED = "interrupted"  # the server stopped or crashed while it ran
 
     @property
     def ended(self) -> bool:
         return self in _ENDED
 
 
-_ENDED = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED})
+_ENDED = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.INTERRUPTED})
+_ACTIVE_END = frozenset({TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.INTERRUPTED})
 
 # The only moves a task may make; anything else is a bug and raises.
 _TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.CREATED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.KILLED}),
-    TaskStatus.RUNNING: frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED}),
+    TaskStatus.CREATED: _ACTIVE_END | {TaskStatus.RUNNING},
+    TaskStatus.RUNNING: _ACTIVE_END | {TaskStatus.FINISHED},
     TaskStatus.FINISHED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.KILLED: frozenset(),
+    TaskStatus.INTERRUPTED: frozenset(),
 }
 
 
@@ -57,10 +60,21 @@ class Task:
     exit_code: int | None = None
     # Name of the signal that ended the process (e.g. "SIGKILL"), when one did.
     signal: str | None = None
-    # Event numbers (cursors) of its creation, its last status change and its last change.
+    # Who asked for it and who stopped it: a user, or the client's address without
+    # authentication, or "shutdown".
+    created_by: str | None = None
+    killed_by: str | None = None
+    # The runner's mark on its processes, to find them again after a crash.
+    marker: str | None = None
+    # Event numbers (cursors) of its creation and of its last status change.
     created_seq: int = 0
     state_seq: int = 0
-    seq: int = 0
+
+    @property
+    def version(self) -> tuple[int, int, str | None]:
+        """Changes whenever anything shown of the task changes: its status, its output, or
+        who asked for its kill (recorded before its status changes)."""
+        return self.state_seq, self.output.size, self.killed_by
 
     def start(self, pid: int, now: datetime | None = None) -> None:
         self._move(TaskStatus.RUNNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from pulsar_rest.settings import Settings
 from pulsar_rest.web.app import create_app
 from pulsar_rest.web.keys import BUS
+from tests.serving import ROOT, TIMEOUT, command, environ
 
 FAKE_PULSAR = Path(__file__).with_name("fake_pulsar.py")
 
@@ -124,3 +126,36 @@ def no_leftover_children() -> Iterator[None]:
     for proc in left:
         proc.kill()
     assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def start(tmp_path: Path, pulsar_bin: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start pulsar-rest with the fake pulsar and a log dir; every process is reaped at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        logs, data = str(tmp_path / "logs"), str(tmp_path / "data")
+        argv = command(
+            "--port", "0", "--pulsar-bin", pulsar_bin, "--log-dir", logs, "--data-dir", data, *args
+        )
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=environ(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:  # after a failure: SIGTERM first, so the server stops its tasks too
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=TIMEOUT)

@@ -126,6 +126,22 @@ def many_bytes(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def record(app: str, env: str, action: str, args: list[str]) -> int:
+    """Numbered lines, without end, each also appended to $FAKE_PULSAR_DIR/NAME once written
+    to stdout: the record of what reached the pipe, to compare with what the server kept."""
+    path = Path(os.environ.get("FAKE_PULSAR_DIR", "."), args[0])
+    with path.open("ab", buffering=0) as written:
+        for i in range(10_000_000):
+            line = f"line {i:09} {'é' * 40}\n".encode()
+            try:
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                return 1  # the reader is gone
+            written.write(line)
+    return 0
+
+
 def show_args(app: str, env: str, action: str, args: list[str]) -> int:
     say(json.dumps(sys.argv[1:]))
     return 0
@@ -190,6 +206,7 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "interleave": interleave,
     "utf8": utf8,
     "args": show_args,
+    "record": record,
     "stamps": stamps,
     "bytes": many_bytes,
     "grandchild": grandchild,

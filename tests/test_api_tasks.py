@@ -102,7 +102,9 @@ async def test_list_tasks_documented_shape(client: Client) -> None:
     assert resp.status == 200
     body = await resp.json()
     assert body["url"] == str(client.make_url("/"))
-    assert list(body["tasks"]) == [str(first["id"]), str(second["id"])]
+    assert body["ids"] == [second["id"], first["id"]]  # newest first
+    assert list(body["tasks"]) == [str(second["id"]), str(first["id"])]
+    assert (body["total"], body["page"], body["pageSize"], body["pages"]) == (2, 1, 50, 1)
     assert body["tasks"][str(second["id"])]["app"] == "blog"
 
 
@@ -151,12 +153,13 @@ async def test_running_task_shows_output_so_far(client: Client, gates: Path) -> 
 
 
 async def test_status_counts_tasks_and_waiters(client: Client, gates: Path) -> None:
+    start = (await (await client.get("/status")).json())["seq"]
     task_id = (await create(client, "gate[st]"))["id"]
     await follow(client, task_id, lambda t: "waiting for st" in t["output"])
     body = await (await client.get("/status")).json()
     assert body["ok"] is True
     assert body["tasks"] == {"running": 1}
-    assert body["waiters"] == 0 and body["seq"] >= 2
+    assert body["waiters"] == 0 and body["seq"] == start + 2  # created, then running
     release(gates, "st")
     await finished(client, task_id)
     assert (await (await client.get("/status")).json())["tasks"] == {"finished": 1}

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 from tests.conftest import alive
-
-ROOT = Path(__file__).parents[1]
-TIMEOUT = 30.0  # for any one wait on the process: generous, never reached when all is well
+from tests.serving import ROOT, TIMEOUT, call, command, ended, environ, listening_port, stop
 
 FLAGS = [
     "--port", "--host", "--config-repo", "--config-branch", "--log-dir", "--ssl-key", "--ssl-cert",
@@ -37,16 +31,6 @@ FLAGS = [
 def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default --data-dir is under $XDG_STATE_HOME: never the real one in tests."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pulsar_rest", *args]
-
-
-def environ(**extra: str) -> dict[str, str]:
-    """This environment without PULSAR_REST_* settings of its own, and a fixed help width."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PULSAR_REST_")}
-    return {**env, "COLUMNS": "80", **extra}
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -183,96 +167,6 @@ def test_port_in_use_is_one_line(busy_port: int, pulsar_bin: str) -> None:
 # --- a real start ---
 
 
-def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
-    """Poll `predicate` until it holds; fail at the deadline or if the process has ended."""
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if proc.poll() is not None:
-            _, err = proc.communicate(timeout=TIMEOUT)
-            raise AssertionError(f"pulsar-rest exited ({proc.returncode}) waiting for {what}: {err}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def listening_port(log: Path, proc: subprocess.Popen[str], scheme: str = "http") -> int:
-    pattern = re.compile(rf"listening on {scheme}://127\.0\.0\.1:(\d+)/$", re.MULTILINE)
-    found: list[int] = []
-
-    def listening() -> bool:
-        match = pattern.search(log.read_text()) if log.exists() else None
-        if match:
-            found.append(int(match.group(1)))
-        return match is not None
-
-    wait_for(listening, proc, f"the listening line in {log}")
-    return found[0]
-
-
-# No proxy from the environment: the requests go to 127.0.0.1 directly.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with OPENER.open(request, timeout=TIMEOUT) as resp:
-        assert resp.status == 200
-        answer: dict[str, Any] = json.load(resp)
-    return answer
-
-
-def ended(base: str, task_id: int) -> dict[str, Any]:
-    """Long-poll /task/:id/state until the task has ended, with a deadline."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        answer = call(f"{base}/task/{task_id}/state?timeout=5")
-        if answer["changed"]:
-            task: dict[str, Any] = answer["task"]
-            return task
-    raise AssertionError(f"task {task_id} has not ended")
-
-
-@pytest.fixture
-def start(tmp_path: Path, pulsar_bin: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start pulsar-rest with the fake pulsar and a log dir; every process is reaped at the end."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:
-        logs, data = str(tmp_path / "logs"), str(tmp_path / "data")
-        argv = command(
-            "--port", "0", "--pulsar-bin", pulsar_bin, "--log-dir", logs, "--data-dir", data, *args
-        )
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=environ(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:  # after a failure: SIGTERM first, so the server stops its tasks too
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate(timeout=TIMEOUT)
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in out + err
-
-
 def test_serves_a_task_then_stops_on_sigterm(
     start: Callable[..., subprocess.Popen[str]], tmp_path: Path
 ) -> None:
@@ -291,7 +185,7 @@ def test_serves_a_task_then_stops_on_sigterm(
     assert task["output"].endswith("Executed task ok for shop on production!\n")
 
     stop(proc)
-    assert log.read_text().rstrip().endswith("stopping")
+    assert log.read_text().rstrip().endswith("stopped")
 
 
 def test_sigterm_at_once_after_listening(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
@@ -302,7 +196,7 @@ def test_sigterm_at_once_after_listening(start: Callable[..., subprocess.Popen[s
 
 
 def test_sigterm_kills_running_tasks(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
-    proc = start("--kill-grace", "1")
+    proc = start("--kill-grace", "1", "--shutdown-grace", "0")
     base = f"http://127.0.0.1:{listening_port(tmp_path / 'logs' / 'pulsar-rest.log', proc)}"
     task = call(f"{base}/shop/production", {"action": "hang"})["task"]
     pid = task["pid"]
@@ -313,7 +207,9 @@ def test_sigterm_kills_running_tasks(start: Callable[..., subprocess.Popen[str]]
     assert not alive(pid)
     # Stopped by the service on the way out, not merely orphaned or killed with the server.
     log = (tmp_path / "logs" / "pulsar-rest.log").read_text()
-    assert re.search(rf"stopping\n.*task {task['id']}: kill requested\n.*task {task['id']} killed", log)
+    assert re.search(
+        rf"stopping.*\n.*task {task['id']}: kill requested by shutdown\n.*task {task['id']} killed", log
+    )
 
 
 def test_https_with_the_dev_certificate(

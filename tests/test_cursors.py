@@ -27,8 +27,14 @@ async def _log(client: Client, task_id: int) -> bytes:
     return await resp.read()
 
 
+async def _seq(client: Client) -> int:
+    """The server's current cursor: where a client starts following from."""
+    seq: int = (await _get(client, "/status"))["seq"]
+    return seq
+
+
 async def test_created_since_sees_every_task_of_a_burst(client: Client) -> None:
-    start = (await _get(client, "/tasks/created", since=0, timeout=0))["seq"]
+    start = (await _get(client, "/tasks/created", since=await _seq(client), timeout=0))["seq"]
     ids = [t["id"] for t in await asyncio.gather(*(create(client, "ok") for _ in range(100)))]
     answer = await _get(client, "/tasks/created", since=start)
     assert answer["changed"] is True and answer["more"] is False
@@ -43,7 +49,7 @@ async def test_created_since_sees_every_task_of_a_burst(client: Client) -> None:
 
 
 async def test_created_since_waits_then_answers(client: Client) -> None:
-    cursor = (await _get(client, "/tasks/created", since=0, timeout=0))["next"]
+    cursor = (await _get(client, "/tasks/created", since=await _seq(client), timeout=0))["next"]
     poll = asyncio.create_task(_get(client, "/tasks/created", since=cursor))
     await eventually(lambda: waiters(client) == 1, what="the waiter")
     task = await create(client, "ok")
@@ -54,9 +60,9 @@ async def test_created_since_waits_then_answers(client: Client) -> None:
 
 async def test_created_since_pages_a_large_burst(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(views, "CREATED_LIMIT", 10)
+    cursor = await _seq(client)
     ids = [(await create(client, "ok"))["id"] for _ in range(25)]
     seen: list[int] = []
-    cursor = 0
     while True:
         answer = await _get(client, "/tasks/created", since=cursor, timeout=0)
         seen += [t["id"] for t in answer["tasks"]]
@@ -69,8 +75,17 @@ async def test_created_since_pages_a_large_burst(client: Client, monkeypatch: py
 
 
 async def test_cursor_from_the_future_is_410(client: Client) -> None:
-    body = await _get(client, "/tasks/created", 410, since=10**9)
+    body = await _get(client, "/tasks/created", 410, since=await _seq(client) + 10**6)
     assert body["error"]["status"] == 410
+    assert "ahead" in body["error"]["message"] and "list again" in body["error"]["message"]
+
+
+async def test_cursor_from_before_this_run_is_410(client: Client) -> None:
+    """Cursors are numbered from the run's own base: 0 (or a cursor of an earlier run) is
+    older than any event kept, and the client must list again."""
+    await finished(client, (await create(client, "ok"))["id"])
+    body = await _get(client, "/tasks/created", 410, since=0)
+    assert "older than the events kept" in body["error"]["message"]
     assert "list again" in body["error"]["message"]
 
 
@@ -79,10 +94,12 @@ async def test_cursor_older_than_kept_is_410(
 ) -> None:
     monkeypatch.setattr(events, "KEEP_EVENTS", 5)
     client = await make_client()
+    start = await _seq(client)
     ids = [(await create(client, "ok"))["id"] for _ in range(4)]
     for task_id in ids:
         await finished(client, task_id)  # 12 create and change events: 5 kept
-    body = await _get(client, "/tasks/created", 410, since=1)
+    # The first event of this run was dropped: a cursor at it cannot be answered any more.
+    body = await _get(client, "/tasks/created", 410, since=start + 1)
     assert "older than the events kept" in body["error"]["message"]
 
 
@@ -174,7 +191,8 @@ async def test_state_since_answers_each_change(client: Client, gates: Path) -> N
 
 async def test_state_since_from_the_future_is_410(client: Client) -> None:
     task = await finished(client, (await create(client, "ok"))["id"])
-    await _get(client, f"/task/{task['id']}/state", 410, since=10**9)
+    body = await _get(client, f"/task/{task['id']}/state", 410, since=await _seq(client) + 10**6)
+    assert "ahead" in body["error"]["message"]
 
 
 async def test_task_output_is_capped_and_the_log_is_whole(client: Client) -> None:

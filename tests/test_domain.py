@@ -11,7 +11,7 @@ from typing import cast
 import pytest
 
 from pulsar_rest import pulsar
-from pulsar_rest.events import EventBus, EventKind, created_topic, state_topic, task_topic
+from pulsar_rest.events import CursorGone, EventBus, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.names import InvalidName, check_action, check_name
 from pulsar_rest.output import LogWriter, OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
@@ -130,11 +130,33 @@ async def test_bus_numbers_events_and_routes_topics() -> None:
     first = bus.publish(EventKind.OUTPUT, 7)
     assert (await output) == first
     assert not state.done() and not created.done()
+    # Output takes no number: it carries the current one (output is read by byte offset).
+    assert first.seq == bus.seq == 0 and bus.published == 1
     second = bus.publish(EventKind.CHANGED, 7)
     assert (await state) == second and second.seq == first.seq + 1
     third = bus.publish(EventKind.CREATED, 8)
-    assert (await created) == third
-    assert bus.waiter_count == 0 and bus.seq == 3
+    assert (await created) == third and third.seq == second.seq + 1
+    assert bus.waiter_count == 0 and bus.seq == 2 and bus.published == 3
+
+
+def test_bus_refuses_a_cursor_from_before_a_restart() -> None:
+    """Each run numbers its events from its own base (run << 32): a cursor of an earlier run
+    is older than anything kept, never taken for one of this run."""
+    bus = EventBus(last_seq=2 << 32)
+    for old in (5, 1 << 32, (2 << 32) - 1):
+        with pytest.raises(CursorGone, match="older"):
+            bus.since(old)
+    assert bus.since(2 << 32) == []
+    output = bus.publish(EventKind.OUTPUT, 1)
+    assert output.seq == bus.seq == 2 << 32 and bus.published == 1  # output takes no number
+    assert bus.since(2 << 32) == []  # nor is it kept for cursors
+    created = bus.publish(EventKind.CREATED, 1, "created")
+    assert created.seq == bus.seq == (2 << 32) + 1 and bus.published == 2
+    assert bus.since(2 << 32) == [created]
+    with pytest.raises(CursorGone, match="older"):
+        bus.since(1 << 32)
+    with pytest.raises(CursorGone, match="ahead"):
+        bus.since((2 << 32) + 2)
 
 
 async def test_bus_timeout_cancel_and_close_leave_no_waiter() -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import psutil
 import pytest
 
+from pulsar_rest.web.keys import SERVICE
 from tests.conftest import Client, ClientFactory, alive, create, eventually, finished, follow
 
 
@@ -86,3 +89,26 @@ async def test_server_shutdown_stops_running_tasks(make_client: ClientFactory) -
     await follow(client, task["id"], lambda t: "ignoring SIGTERM" in t["output"])
     await client.close()
     await eventually(lambda: not alive(task["pid"]), what="the task's process to go")
+
+
+async def test_the_task_shows_who_asked_for_its_kill_at_once(make_client: ClientFactory) -> None:
+    """`killedBy` is recorded before the status changes: an answer cached for the task as it
+    was must not hide it while the task is still stopping."""
+    client = await make_client(kill_grace=60)  # the task outlives the test's checks
+    task = await create(client, "ignore-term")
+    await follow(client, task["id"], lambda t: "ignoring SIGTERM" in t["output"])
+    before = await (await client.get(f"/task/{task['id']}")).json()  # the answer is cached now
+    assert before["killedBy"] is None
+    assert client.app is not None
+    stopping = client.app[SERVICE].get(task["id"])
+    killing = asyncio.create_task(client.post(f"/task/{task['id']}/kill"))
+    try:
+        await eventually(lambda: stopping.killed_by is not None, what="the kill request")
+        during = await (await client.get(f"/task/{task['id']}")).json()
+        assert (during["status"], during["killedBy"]) == ("running", "127.0.0.1")
+    finally:
+        os.kill(task["pid"], signal.SIGKILL)  # rather than wait out the grace
+        resp = await killing
+    assert resp.status == 200
+    killed = await resp.json()
+    assert (killed["status"], killed["killedBy"]) == ("killed", "127.0.0.1")

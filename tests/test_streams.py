@@ -4,6 +4,7 @@ WebSocket. Cursors resume without loss or repeat; a client that goes away frees 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from pulsar_rest import runner
 from pulsar_rest.events import EventBus, EventKind
+from pulsar_rest.web.app import RUN_BITS
 from pulsar_rest.web.keys import BUS, SERVICE
 from tests.conftest import Client, ClientFactory, create, eventually, finished, follow, release, waiters
 from tests.test_errors import assert_envelope
@@ -151,6 +153,7 @@ def kept_events(client: Client, seq: int) -> list[tuple[str, int]]:
 
 
 async def test_events_headers_and_a_task_lifecycle(client: Client, gates: Path) -> None:
+    start = bus_seq(client)
     sse = await open_sse(client, "/events")
     assert sse.resp.headers["Content-Type"] == "text/event-stream"
     assert sse.resp.headers["Cache-Control"] == "no-cache"
@@ -174,12 +177,13 @@ async def test_events_headers_and_a_task_lifecycle(client: Client, gates: Path) 
     assert done.data["task"]["outputSize"] == len(await log_of(client, task["id"]))
     ids = [m.id for m in (created, running, done)]
     assert ids == [m.data["seq"] for m in (created, running, done)]
-    assert ids == kept_since(client, 0)  # all of them, increasing, none twice
+    assert ids == kept_since(client, start)  # all of them, increasing, none twice
     sse.resp.close()
     await finished(client, task["id"])
 
 
 async def test_events_ok_task_create_then_two_changes(client: Client) -> None:
+    start = bus_seq(client)
     sse = await open_sse(client, "/events")
     await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
     task = await create(client, "ok")
@@ -187,7 +191,7 @@ async def test_events_ok_task_create_then_two_changes(client: Client) -> None:
     assert [m.event for m in got] == ["task.create", "task.change", "task.change"]
     assert all(m.data["task"]["id"] == task["id"] for m in got)
     assert got[-1].data["task"]["status"] == "finished"
-    assert [m.id for m in got] == kept_since(client, 0)
+    assert [m.id for m in got] == kept_since(client, start)
     sse.resp.close()
     await finished(client, task["id"])
 
@@ -228,11 +232,14 @@ async def test_events_resume_without_loss_or_repeat(client: Client, how: str) ->
 
 
 async def test_events_last_event_id_wins_over_since(client: Client) -> None:
+    start = bus_seq(client)
     task = await create(client, "ok")
     await finished(client, task["id"])
-    sse = await open_sse(client, "/events?since=0", headers={"Last-Event-ID": "1"})
+    # Both cursors are good: the query's would replay three events, the header's two.
+    sse = await open_sse(client, f"/events?since={start}", headers={"Last-Event-ID": str(start + 1)})
     got = await sse.events(2)
-    assert [m.id for m in got] == kept_since(client, 1)
+    assert [m.id for m in got] == kept_since(client, start + 1)
+    assert [m.event for m in got] == ["task.change", "task.change"]
     sse.resp.close()
 
 
@@ -246,6 +253,7 @@ async def test_events_bad_last_event_id_is_a_400(client: Client, value: str) -> 
 
 
 async def test_events_burst_each_creation_once_in_order(client: Client) -> None:
+    start = bus_seq(client)
     sse = await open_sse(client, "/events")
     await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
     tasks = await asyncio.gather(*(create(client, "ok") for _ in range(50)))
@@ -262,24 +270,27 @@ async def test_events_burst_each_creation_once_in_order(client: Client) -> None:
     assert [m.id for m in creates] == sorted(m.id for m in creates if m.id is not None)
     assert changes == dict.fromkeys(ids, 2)
     event_ids = [m.id for m in got]
-    assert event_ids == kept_since(client, 0)  # every event once, in order, none missing
+    assert event_ids == kept_since(client, start)  # every event once, in order, none missing
     sse.resp.close()
     for task in tasks:
         await finished(client, task["id"])
 
 
 async def test_events_cursor_from_the_future_resets(client: Client) -> None:
-    sse = await open_sse(client, "/events", headers={"Last-Event-ID": "999999"})
+    start = bus_seq(client)
+    assert start == 1 << RUN_BITS  # the first run of a fresh data directory
+    future = start + 10**6
+    sse = await open_sse(client, "/events", headers={"Last-Event-ID": str(future)})
     reset = await sse.event()
     assert reset.event == "reset"
-    assert reset.data["seq"] == bus_seq(client) == 0
-    assert reset.id == 0
-    assert "999999" in reset.data["message"]
+    assert reset.data["seq"] == bus_seq(client) == start
+    assert reset.id == start
+    assert str(future) in reset.data["message"] and "ahead" in reset.data["message"]
     await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
     task = await create(client, "ok")
     live = await sse.event()
     assert live.event == "task.create" and live.data["task"]["id"] == task["id"]
-    assert live.id == 1
+    assert live.id == start + 1
     sse.resp.close()
     await finished(client, task["id"])
 
@@ -287,11 +298,13 @@ async def test_events_cursor_from_the_future_resets(client: Client) -> None:
 async def test_events_cursor_older_than_the_kept_events_resets(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pulsar_rest.web.app.EventBus", lambda: EventBus(keep=4))
+    monkeypatch.setattr("pulsar_rest.web.app.EventBus", functools.partial(EventBus, keep=4))
     client = await make_client()
+    start = bus_seq(client)
     for _ in range(2):  # six events kept as four
         await finished(client, (await create(client, "ok"))["id"])
-    sse = await open_sse(client, "/events", params={"since": "0"})
+    # The first event of this run was dropped: a cursor at it cannot be answered any more.
+    sse = await open_sse(client, "/events", params={"since": str(start + 1)})
     reset = await sse.event()
     assert reset.event == "reset"
     assert reset.data["seq"] == reset.id == bus_seq(client)
@@ -307,17 +320,19 @@ async def test_events_cursor_older_than_the_kept_events_resets(
 def test_event_bus_horizon() -> None:
     bus = EventBus(keep=3)
     for task_id in range(1, 6):
-        bus.publish(EventKind.CREATED, task_id)
-        bus.publish(EventKind.OUTPUT, task_id)  # not kept, but numbered
-    assert bus.seq == 10
-    # Kept: 5, 7, 9; a cursor at 3 (the last one dropped) still gets all that came after it.
-    assert [e.seq for e in bus.since(3)] == [5, 7, 9]
-    assert [e.seq for e in bus.since(6)] == [7, 9]
-    assert bus.since(10) == []
+        created = bus.publish(EventKind.CREATED, task_id)
+        output = bus.publish(EventKind.OUTPUT, task_id)  # neither kept nor numbered
+        assert output.seq == created.seq == task_id
+    assert bus.seq == 5 and bus.published == 10
+    # Kept: 3, 4, 5; a cursor at 2 (the last one dropped) still gets all that came after it.
+    assert [e.seq for e in bus.since(2)] == [3, 4, 5]
+    assert [e.kind for e in bus.since(2)] == [EventKind.CREATED] * 3
+    assert [e.seq for e in bus.since(4)] == [5]
+    assert bus.since(5) == []
     with pytest.raises(LookupError, match="older"):
-        bus.since(2)
+        bus.since(1)
     with pytest.raises(LookupError, match="ahead"):
-        bus.since(11)
+        bus.since(6)
 
 
 async def test_events_keepalive_while_idle(make_client: ClientFactory) -> None:
@@ -478,8 +493,9 @@ async def test_task_stream_sends_what_changed_during_a_slow_write(
 
     monkeypatch.setattr(runner, "spawn", held_spawn)
     monkeypatch.setattr(web.StreamResponse, "write", slow_write)
+    start = bus_seq(client)
     creating = asyncio.create_task(create(client, "gate[s]"))
-    await eventually(lambda: bus_seq(client) == 1, what="the task to be recorded")
+    await eventually(lambda: bus_seq(client) == start + 1, what="the task to be recorded")
     sse = await open_sse(client, "/task/1/stream")
     events = await sse.until(lambda m: m.event == "output")
     assert [(m.event, m.data.get("status")) for m in events] == [
@@ -505,6 +521,7 @@ async def ws_receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
 
 
 async def test_websocket_output_concatenates_to_the_log(client: Client) -> None:
+    start = bus_seq(client)
     ws = await client.ws_connect("/websocket")
     await eventually(lambda: waiters(client) >= 1, what="the socket to wait")
     task_id = (await create(client, "lines[2000]"))["id"]
@@ -517,7 +534,7 @@ async def test_websocket_output_concatenates_to_the_log(client: Client) -> None:
     assert [m["status"] for m in messages if m["event"] == "task.change"] == ["running", "finished"]
     assert messages[0]["event"] == "task.create" and messages[0]["status"] == "created"
     assert messages[0]["task"]["id"] == task_id and "output" not in messages[0]["task"]
-    assert [m["seq"] for m in messages if m["event"] != "task.output"] == kept_since(client, 0)
+    assert [m["seq"] for m in messages if m["event"] != "task.output"] == kept_since(client, start)
     assert all(m["task"]["id"] == task_id for m in messages if m["event"] != "task.output")
     outputs = [m for m in messages if m["event"] == "task.output"]
     offset = 0

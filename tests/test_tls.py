@@ -208,7 +208,8 @@ async def test_key_and_cert(settings: Settings, dev_cert: DevCert) -> None:
     tls = with_tls(settings, ssl_key=dev_cert.key, ssl_cert=dev_cert.crt)
     async with serving(tls) as port:
         body = await get_tasks(port, client_context(dev_cert.crt))
-    assert body == {"url": f"https://127.0.0.1:{port}/", "tasks": {}}
+    empty = {"total": 0, "page": 1, "pageSize": 50, "pages": 0, "ids": [], "tasks": {}}
+    assert body == {"url": f"https://127.0.0.1:{port}/", **empty}
 
 
 async def test_pfx_and_passphrase(settings: Settings, dev_cert: DevCert) -> None:

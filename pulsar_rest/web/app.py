@@ -9,7 +9,7 @@ from aiohttp import web
 from pulsar_rest.events import EventBus
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
-from pulsar_rest.store import MemoryStore
+from pulsar_rest.store import SqliteStore
 from pulsar_rest.web.errors import error_middleware
 from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
 from pulsar_rest.web.present import AnswerCache
@@ -17,6 +17,9 @@ from pulsar_rest.web.routes import setup_routes
 
 # Larger bodies are refused with 413: a create request is a few names.
 MAX_BODY = 64 * 1024
+# Each start of the server numbers its events from a range of its own (run << RUN_BITS), so
+# a cursor from before a restart or a crash can never be taken for a cursor of this run.
+RUN_BITS = 32
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -30,20 +33,32 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _tasks(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    logs = settings.data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    bus = EventBus()
+    store = SqliteStore(settings.data_dir)
+    history = await store.open()
+    bus = EventBus(last_seq=history.run << RUN_BITS)
     config = RunConfig(
         pulsar_bin=settings.pulsar_bin,
         conf_repo=settings.config_repo,
         kill_grace=settings.kill_grace,
+        retain_tasks=settings.retain_tasks,
+        retain_days=settings.retain_days,
     )
-    service = TaskService(MemoryStore(logs), bus, config)
+    service = TaskService(store, bus, config, history.tasks)
     app[ANSWERS] = AnswerCache()
     app[BUS] = bus
     app[SERVICE] = service
+    await service.start()
     yield
     await service.close()
+
+
+async def shutdown(app: web.Application, grace: float) -> None:
+    """The first part of a graceful stop, while the server still answers: refuse new tasks
+    (503), answer the waiting long-polls, and give running tasks `grace` seconds to end.
+    What is still running after that is killed by the cleanup, and recorded so."""
+    app[SERVICE].stop_accepting()
+    app[BUS].close()
+    await app[SERVICE].wait_idle(grace)
 
 
 async def _answer_waiters(app: web.Application) -> None:

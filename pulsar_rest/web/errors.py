@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 
 from pulsar_rest import __version__
 from pulsar_rest.names import InvalidName
-from pulsar_rest.service import TaskEnded, TaskNotFound
+from pulsar_rest.service import ShuttingDown, TaskEnded, TaskNotFound
 from pulsar_rest.web.keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (TaskNotFound, 404),
     (TaskEnded, 409),
     (InvalidName, 400),
+    (ShuttingDown, 503),
 )
 
 

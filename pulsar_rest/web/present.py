@@ -36,6 +36,8 @@ def summary(task: Task) -> dict[str, Any]:
         "createdAt": _iso(task.created_at),
         "startedAt": _iso(task.started_at),
         "finishedAt": _iso(task.finished_at),
+        "createdBy": task.created_by,
+        "killedBy": task.killed_by,
         "outputSize": task.output.size,
     }
 
@@ -51,15 +53,15 @@ class AnswerCache:
     """JSON bodies of `{"changed": true, "task": ...}` and of the task itself, per version."""
 
     def __init__(self) -> None:
-        self._bodies: dict[tuple[int, int, bool], bytes] = {}
+        self._bodies: dict[tuple[int, tuple[int, int, str | None], bool], bytes] = {}
 
     async def body(self, task: Task, changed: bool) -> bytes:
-        key = (task.id, task.seq, changed)
+        key = (task.id, task.version, changed)
         body = self._bodies.get(key)
         if body is None:
             data = await task_json(task)
             body = json.dumps({"changed": True, "task": data} if changed else data).encode()
-            if key[1] != task.seq:
+            if key[1] != task.version:
                 return body  # the task moved on while its tail was read: do not cache
             if len(self._bodies) >= _CACHE_SIZE:
                 self._bodies.clear()

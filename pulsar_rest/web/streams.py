@@ -56,9 +56,14 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
 
 def _change(service: TaskService, event: Event) -> dict[str, Any]:
     # `status` is the task's at the event; `task` is the task now (a replayed event may be
-    # older than the task it shows).
-    task = summary(service.get(event.task_id))
-    return {"event": event.kind.value, "seq": event.seq, "status": event.status, "task": task}
+    # older than the task it shows), or None once the task was pruned from the history.
+    task = service.find(event.task_id)
+    return {
+        "event": event.kind.value,
+        "seq": event.seq,
+        "status": event.status,
+        "task": None if task is None else summary(task),
+    }
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -138,7 +143,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     reader = asyncio.ensure_future(_drain(ws))
     try:
         while not ws.closed and not reader.done() and not bus.closed:
-            seen = bus.seq  # what was checked, below, before waiting for news
+            seen = bus.published  # what was checked, below, before waiting for news
             try:
                 pending = bus.since(cursor)
             except CursorGone as exc:
@@ -146,9 +151,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 cursor = bus.seq
                 continue
             for event in pending:
-                if event.task_id in offsets:
+                task = service.find(event.task_id)
+                if task is not None and event.task_id in offsets:
                     # A task's output comes before its change, so its end follows its last byte.
-                    await _send_task_output(ws, service.get(event.task_id), offsets)
+                    await _send_task_output(ws, task, offsets)
                 await ws.send_json(_change(service, event))
                 cursor = event.seq
                 if event.kind.value == "task.create":
@@ -171,14 +177,17 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 async def _news(bus: EventBus, seen: int) -> None:
     """Wait for an event after `seen`. Run as a task, it starts waiting only once scheduled:
     an event published before then must still end the wait, or it is never sent."""
-    if bus.seq == seen:
+    if bus.published == seen:
         await bus.wait(all_topic(), 3600)
 
 
 async def _send_output(ws: web.WebSocketResponse, service: TaskService, offsets: dict[int, int]) -> bool:
     sent = False
     for task_id in list(offsets):
-        task = service.get(task_id)
+        task = service.find(task_id)
+        if task is None:
+            del offsets[task_id]  # pruned
+            continue
         sent = await _send_task_output(ws, task, offsets) or sent
         if task.status.ended and task.output.closed and offsets[task_id] >= task.output.size:
             del offsets[task_id]

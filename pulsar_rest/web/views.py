@@ -15,9 +15,9 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from pulsar_rest.events import CursorGone, created_topic, state_topic, task_topic
+from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.output import complete_chars
-from pulsar_rest.tasks import Task
+from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web import params
 from pulsar_rest.web.errors import VERSION, ApiError
 from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
@@ -63,14 +63,43 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
+# Tasks in one page of GET /tasks, by default and at most.
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
 async def list_tasks(request: web.Request) -> web.Response:
-    answers = request.app[ANSWERS]
-    parts = [
-        f'"{task.id}": '.encode() + await answers.body(task, changed=False)
-        for task in request.app[SERVICE].tasks()
+    """The tasks, newest first, a page at a time (`page` or `currentPage`, `pageSize`),
+    filtered by `app`, `env` and `status`; `total` counts the matching tasks."""
+    query = request.query
+    page = params.int_param(request, "page") or params.int_param(request, "currentPage") or 1
+    size = params.int_param(request, "pageSize", PAGE_SIZE) or PAGE_SIZE
+    if size > MAX_PAGE_SIZE:
+        raise ApiError(400, f"pageSize must be {MAX_PAGE_SIZE} at most")
+    status = query.get("status")
+    if status is not None and status not in {s.value for s in TaskStatus}:
+        raise ApiError(
+            400, f"unknown status {status[:40]!r}: one of {', '.join(s.value for s in TaskStatus)}"
+        )
+    matching = [
+        task
+        for task in reversed(list(request.app[SERVICE].tasks()))
+        if query.get("app", task.app) == task.app
+        and query.get("env", task.env) == task.env
+        and (status is None or task.status.value == status)
     ]
-    url = json.dumps(params.url(request, "/"))
-    body = b'{"url": ' + url.encode() + b', "tasks": {' + b", ".join(parts) + b"}}"
+    shown = matching[(page - 1) * size : page * size]
+    answers = request.app[ANSWERS]
+    parts = [f'"{task.id}": '.encode() + await answers.body(task, changed=False) for task in shown]
+    meta = {
+        "url": params.url(request, "/"),
+        "total": len(matching),
+        "page": page,
+        "pageSize": size,
+        "pages": -(-len(matching) // size),
+        "ids": [task.id for task in shown],  # newest first (a JSON object's keys may be reordered)
+    }
+    body = json.dumps(meta)[:-1].encode() + b', "tasks": {' + b", ".join(parts) + b"}}"
     return web.Response(body=body, content_type="application/json")
 
 
@@ -82,6 +111,8 @@ async def get_task(request: web.Request) -> web.Response:
 async def get_log(request: web.Request) -> web.FileResponse:
     """The whole output as text/plain; HTTP Range reads parts of a large log."""
     task = params.task(request)
+    if not task.output.path.exists():
+        raise ApiError(404, f"the output of task {task.id} is gone (pruned from the history)")
     return web.FileResponse(
         task.output.path,
         headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"},
@@ -97,9 +128,9 @@ async def tasks_created(request: web.Request) -> web.Response:
         event = await bus.wait(created_topic(), wait)
         return await _changed(request, None if event is None else service.get(event.task_id))
     try:
-        created = [e for e in bus.since(since) if e.kind == "task.create"]
+        created = _creations(request, since)
         if not created and await bus.wait(created_topic(), wait):
-            created = [e for e in bus.since(since) if e.kind == "task.create"]
+            created = _creations(request, since)
     except CursorGone as exc:
         raise _gone(exc) from None
     more = len(created) > CREATED_LIMIT
@@ -108,6 +139,13 @@ async def tasks_created(request: web.Request) -> web.Response:
     # Without more to come, the cursor is the current one: nothing was created in between.
     cursor = created[-1].seq if more else bus.seq
     return _json({"changed": bool(tasks), "tasks": tasks, "next": cursor, "more": more, "seq": bus.seq})
+
+
+def _creations(request: web.Request, since: int) -> list[Event]:
+    """Creation events after `since` of the tasks still there (old ones may be pruned)."""
+    service = request.app[SERVICE]
+    events = request.app[BUS].since(since)
+    return [e for e in events if e.kind is EventKind.CREATED and service.find(e.task_id) is not None]
 
 
 async def task_output(request: web.Request) -> web.Response:
@@ -170,13 +208,18 @@ async def _output_from(
 async def task_state(request: web.Request) -> web.Response:
     """Long-poll for the task's end (at once if it has ended); with `since`, for its next
     status change after that cursor."""
-    service, bus = request.app[SERVICE], request.app[BUS]
+    bus = request.app[BUS]
     task = params.task(request)
     wait = params.timeout(request)
     since = params.int_param(request, "since")
     if since is None:
-        ended = await service.wait_ended(task, wait)
-        return await _changed(request, task if ended else None)
+        # On the bus, not service.wait_ended: a shutdown answers this wait at once.
+        deadline = asyncio.get_running_loop().time() + wait
+        while not task.status.ended:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or await bus.wait(state_topic(task.id), remaining) is None:
+                break
+        return await _changed(request, task if task.status.ended else None)
     if since > bus.seq:
         raise ApiError(410, f"cursor {since} is ahead of the server's {bus.seq}: read the task again")
     if task.state_seq <= since:
@@ -195,7 +238,7 @@ async def task_state(request: web.Request) -> web.Response:
 async def kill_task(request: web.Request) -> web.Response:
     """Stop a task's whole process tree; answers once it has ended (202 if it has not yet)."""
     service = request.app[SERVICE]
-    task = await service.kill(params.task_id(request))
+    task = await service.kill(params.task_id(request), by=_who(request))
     ended = await service.wait_ended(task, request.app[SETTINGS].kill_grace + _KILL_SETTLE)
     body = await request.app[ANSWERS].body(task, changed=False)
     return web.Response(body=body, content_type="application/json", status=200 if ended else 202)
@@ -211,12 +254,17 @@ async def create_task(request: web.Request) -> web.Response:
     if len(names) > 1:
         raise ApiError(400, "'action' and 'task' name different tasks: send one")
     task = await request.app[SERVICE].create(
-        request.match_info["app"], request.match_info["env"], names.pop()
+        request.match_info["app"], request.match_info["env"], names.pop(), by=_who(request)
     )
     location = params.url(request, f"/task/{task.id}")
     data = await request.app[ANSWERS].body(task, changed=False)
     body = b'{"taskId": %d, "url": %s, "task": %s}' % (task.id, json.dumps(location).encode(), data)
     return web.Response(body=body, content_type="application/json", headers={"Location": location})
+
+
+def _who(request: web.Request) -> str | None:
+    """Who is asking: the client's address until authentication says who the user is."""
+    return request.remote
 
 
 def _refuse_route_clash(request: web.Request) -> None:

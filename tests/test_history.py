@@ -1,0 +1,241 @@
+"""History that survives: restarts and crashes, paging and filters, retention, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pulsar_rest.settings import Settings
+from pulsar_rest.store import DB_NAME, SqliteStore, StoreError
+from pulsar_rest.web.app import shutdown
+from tests.conftest import (
+    Client,
+    ClientFactory,
+    alive,
+    create,
+    eventually,
+    finished,
+    follow,
+    release,
+    waiters,
+)
+from tests.serving import call, listening_port
+
+# Fields that must come back identical after a restart.
+KEPT = (
+    "id", "status", "app", "env", "action", "exitCode", "signal", "pid", "command", "createdAt",
+    "startedAt", "finishedAt", "createdBy", "killedBy", "outputSize", "output",
+)  # fmt: skip
+
+
+async def _json(client: Client, path: str, expect: int = 200, **params: Any) -> dict[str, Any]:
+    resp = await client.get(path, params={k: str(v) for k, v in params.items()})
+    assert resp.status == expect, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def test_history_and_output_survive_a_restart(make_client: ClientFactory, gates: Path) -> None:
+    client = await make_client()
+    ok = await finished(client, (await create(client, "lines[3000]"))["id"])
+    failed = await finished(client, (await create(client, "pulsar-fail", app="blog"))["id"])
+    hanging = await create(client, "hang")
+    await follow(client, hanging["id"], lambda t: "hanging" in t["output"])
+    assert (await client.post(f"/task/{hanging['id']}/kill")).status == 200
+    running = await create(client, "gate[never]")
+    await follow(client, running["id"], lambda t: "waiting for never" in t["output"])
+    before = {t["id"]: await _json(client, f"/task/{t['id']}") for t in (ok, failed, hanging)}
+    logs = {task_id: await (await client.get(f"/task/{task_id}/log")).read() for task_id in before}
+    await client.close()  # a graceful stop: what still runs is killed, and recorded so
+
+    again = await make_client()
+    for task_id, task in before.items():
+        now = await _json(again, f"/task/{task_id}")
+        assert {k: now[k] for k in KEPT} == {k: task[k] for k in KEPT}
+        assert await (await again.get(f"/task/{task_id}/log")).read() == logs[task_id]
+    stopped = await _json(again, f"/task/{running['id']}")
+    assert (stopped["status"], stopped["killedBy"]) == ("killed", "shutdown")
+    assert stopped["output"].startswith("waiting for never\n")
+    assert [t["status"] for t in before.values()] == ["finished", "failed", "killed"]
+    assert before[failed["id"]]["createdBy"] == "127.0.0.1"
+    # Ids go on from where they were, never reused.
+    assert (await create(again, "ok"))["id"] == running["id"] + 1
+
+
+async def test_ids_are_not_reused_after_the_newest_tasks_are_pruned(make_client: ClientFactory) -> None:
+    client = await make_client()
+    last = [(await finished(client, (await create(client, "ok"))["id"]))["id"] for _ in range(3)][-1]
+    await client.close()
+    # Restarting with a retention of nothing removes every ended task...
+    pruned = await make_client(retain_tasks=0)
+    assert (await _json(pruned, "/tasks"))["total"] == 0
+    await pruned.close()
+    # ...and still the next id is new.
+    again = await make_client()
+    assert (await create(again, "ok"))["id"] == last + 1
+
+
+async def test_paging_and_filters(client: Client) -> None:
+    made = []
+    for app, env, action in [
+        ("shop", "prod", "ok"), ("shop", "stage", "ok"), ("blog", "prod", "fail"), ("shop", "prod", "fail"),
+        ("blog", "prod", "ok"), ("shop", "prod", "ok"), ("shop", "prod", "ok"),
+    ]:  # fmt: skip
+        made.append(await finished(client, (await create(client, action, app=app, env=env))["id"]))
+    ids = [t["id"] for t in made]
+    first = await _json(client, "/tasks", pageSize=3)
+    assert (first["total"], first["page"], first["pageSize"], first["pages"]) == (7, 1, 3, 3)
+    assert first["ids"] == ids[::-1][:3]  # newest first
+    assert list(first["tasks"]) == [str(i) for i in ids[::-1][:3]]
+    third = await _json(client, "/tasks", pageSize=3, currentPage=3)  # the later API's name
+    assert third["ids"] == [ids[0]]
+    assert (await _json(client, "/tasks", pageSize=3, page=4))["ids"] == []
+    shop_prod = await _json(client, "/tasks", app="shop", env="prod")
+    assert shop_prod["ids"] == [ids[6], ids[5], ids[3], ids[0]] and shop_prod["total"] == 4
+    failed = await _json(client, "/tasks", status="failed")
+    assert failed["ids"] == [ids[3], ids[2]]
+    assert (await _json(client, "/tasks", app="blog", status="finished"))["ids"] == [ids[4]]
+    assert "unknown status" in (await _json(client, "/tasks", 400, status="done"))["error"]["message"]
+    assert "pageSize" in (await _json(client, "/tasks", 400, pageSize=1001))["error"]["message"]
+
+
+async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
+    make_client: ClientFactory, gates: Path, settings: Settings
+) -> None:
+    client = await make_client(retain_tasks=2)
+    running = await create(client, "gate[r]")
+    done = [await finished(client, (await create(client, "ok"))["id"]) for _ in range(4)]
+    listed = await _json(client, "/tasks")
+    assert listed["ids"] == [done[3]["id"], done[2]["id"], running["id"]]
+    for old in done[:2]:
+        await _json(client, f"/task/{old['id']}", 404)
+        assert not (settings.data_dir / "logs" / f"{old['id']}.log").exists()
+    assert (settings.data_dir / "logs" / f"{done[3]['id']}.log").exists()
+    release(gates, "r")
+    await finished(client, running["id"])
+    await eventually(lambda: not (settings.data_dir / "logs" / f"{running['id']}.log").exists())
+
+
+async def test_retention_by_age_at_start(make_client: ClientFactory) -> None:
+    client = await make_client()
+    task = await finished(client, (await create(client, "ok"))["id"])
+    await client.close()
+    kept = await make_client(retain_days=1)
+    assert (await _json(kept, "/tasks"))["ids"] == [task["id"]]
+    await kept.close()
+    pruned = await make_client(retain_days=0)
+    assert (await _json(pruned, "/tasks"))["ids"] == []
+
+
+async def test_graceful_shutdown_answers_waiters_refuses_tasks_and_lets_tasks_end(
+    client: Client, gates: Path
+) -> None:
+    assert client.app is not None
+    task = await create(client, "gate[end]")
+    await follow(client, task["id"], lambda t: "waiting for end" in t["output"])
+    poll = asyncio.create_task(client.get("/tasks/created"))
+    await eventually(lambda: waiters(client) == 1, what="the long-poll")
+    stopping = asyncio.create_task(shutdown(client.app, grace=30))
+    answer = await poll
+    assert await answer.json() == {"changed": False}  # answered at once, not in 10 s
+    refused = await client.post("/shop/prod", json={"action": "ok"})
+    assert refused.status == 503
+    assert "shutting down" in (await refused.json())["error"]["message"]
+    assert not stopping.done()  # the running task is given its time
+    release(gates, "end")
+    await stopping
+    assert (await _json(client, f"/task/{task['id']}"))["status"] == "finished"
+
+
+async def test_shutdown_kills_what_outlives_the_grace(make_client: ClientFactory) -> None:
+    client = await make_client()
+    assert client.app is not None
+    task = await create(client, "ignore-term")
+    await follow(client, task["id"], lambda t: "ignoring SIGTERM" in t["output"])
+    await shutdown(client.app, grace=0.1)
+    assert alive(task["pid"])  # the grace is over; the kill comes with the cleanup
+    await client.close()
+    assert not alive(task["pid"])
+    again = await make_client()
+    stopped = await _json(again, f"/task/{task['id']}")
+    assert (stopped["status"], stopped["signal"], stopped["killedBy"]) == ("killed", "SIGKILL", "shutdown")
+
+
+async def test_a_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"pulsar-rest\.db cannot be used .*backup"):
+        await SqliteStore(tmp_path).open()
+
+
+async def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match=r"--data-dir .*file"):
+        await SqliteStore(blocker).open()
+
+
+def test_the_command_says_so_in_one_line(tmp_path: Path, pulsar_bin: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / DB_NAME).write_bytes(b"garbage" * 1000)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pulsar_rest",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data),
+            "--pulsar-bin",
+            pulsar_bin,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[1],
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("pulsar-rest: --data-dir")
+    assert "Traceback" not in done.stderr
+
+
+def test_kill_9_mid_output_keeps_every_byte_and_interrupts_the_task(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path, gates: Path
+) -> None:
+    server = start()
+    base = f"http://127.0.0.1:{listening_port(tmp_path / 'logs' / 'pulsar-rest.log', server)}"
+    task = call(f"{base}/shop/production", {"action": "record[written]"})["task"]
+    hanging = call(f"{base}/shop/staging", {"action": "hang"})["task"]
+    # The task writes as fast as it can; wait until the server has taken in a good part.
+    seen = 0
+    while seen < 2_000_000:
+        seen = call(f"{base}/task/{task['id']}/output?offset={seen}&timeout=5")["nextOffset"]
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(10)
+
+    again = start("--log-dir", str(tmp_path / "logs-again"))  # the last --log-dir wins
+    base = f"http://127.0.0.1:{listening_port(tmp_path / 'logs-again' / 'pulsar-rest.log', again)}"
+    after = call(f"{base}/task/{task['id']}")
+    assert after["status"] == "interrupted" and after["finishedAt"] is not None
+    log = (tmp_path / "data" / "logs" / f"{task['id']}.log").read_bytes()
+    written = (gates / "written").read_bytes()
+    # Every byte the server had taken in is there, and nothing but what the task wrote.
+    assert len(log) >= seen
+    assert log == written[: len(log)]
+    assert after["outputSize"] == len(log)
+    # The task that hung was left running by the crash: the restart stopped it.
+    assert call(f"{base}/task/{hanging['id']}")["status"] == "interrupted"
+    assert not alive(hanging["pid"])
+    assert call(f"{base}/shop/production", {"action": "ok"})["task"]["id"] == hanging["id"] + 1
+    json.dumps(after)  # the answer is plain JSON
