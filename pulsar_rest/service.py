@@ -31,6 +31,22 @@ class TaskEnded(RuntimeError):
         super().__init__(f"task {task.id} has already ended ({task.status})")
 
 
+class DeployBusy(RuntimeError):
+    """The app and environment are being deployed: one deploy at a time for each."""
+
+    def __init__(self, holder: Task) -> None:
+        super().__init__(
+            f"{holder.app}/{holder.env} is busy with task {holder.id} ({holder.status}): "
+            "wait for it to end, or send queue=true to start after it"
+        )
+        self.task_id = holder.id
+
+
+class TooBusy(RuntimeError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} tasks are running, the most --max-running allows: try again later")
+
+
 class ShuttingDown(RuntimeError):
     def __init__(self) -> None:
         super().__init__("the server is shutting down: no new task is started")
@@ -52,6 +68,7 @@ class RunConfig:
     drain_timeout: float = 5.0
     retain_tasks: int | None = None  # ended tasks kept, newest first; None: all
     retain_days: float | None = None  # days an ended task is kept; None: for ever
+    max_running: int | None = None  # tasks running at once, all apps; None: no limit
 
 
 # How often old history is pruned by age (by count, it is after each task's end).
@@ -69,6 +86,7 @@ class TaskService:
         self._children: dict[int, runner.ChildProcess] = {}
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
+        self._starting: set[int] = set()  # tasks between their turn and their process
         self._background: set[asyncio.Task[Any]] = set()
         self._pruner: asyncio.Task[None] | None = None
         # Resolved when each running task ends: waits that go on while the bus is closed.
@@ -91,7 +109,21 @@ class TaskService:
 
     @property
     def running(self) -> int:
-        return sum(1 for task in self._tasks.values() if not task.status.ended)
+        """Tasks started and not ended (queued ones wait, they do not count)."""
+        return sum(
+            1 for task in self._tasks.values() if task.status in (TaskStatus.CREATED, TaskStatus.RUNNING)
+        )
+
+    def _holder(self, app: str, env: str) -> Task | None:
+        """The task deploying `app` to `env` now, if any."""
+        for task in reversed(self._tasks.values()):
+            if (
+                task.app == app
+                and task.env == env
+                and task.status in (TaskStatus.CREATED, TaskStatus.RUNNING)
+            ):
+                return task
+        return None
 
     async def start(self) -> None:
         """After a restart: tasks that were going when the server stopped are recorded as
@@ -110,15 +142,24 @@ class TaskService:
         await self.prune()
         self._pruner = asyncio.get_running_loop().create_task(self._prune_periodically())
 
-    async def create(self, app: str, env: str, action: str, by: str | None = None) -> Task:
-        """Record a task and start its process. Once recorded, the start goes on even if
-        the caller is cancelled: a task is never left half-made."""
+    async def create(
+        self, app: str, env: str, action: str, by: str | None = None, queue: bool = False
+    ) -> Task:
+        """Record a task and start its process, or queue it behind the running deploy of the
+        same app and environment when `queue` (else that is a DeployBusy). Once recorded, the
+        start goes on even if the caller is cancelled: a task is never left half-made."""
         if self._closing:
             raise ShuttingDown()
         check_name("app", app)
         check_name("environment", env)
         check_action(action)
-        argv = pulsar.command(self._config.pulsar_bin, app, env, action, self._config.conf_repo)
+        holder = self._holder(app, env)
+        if holder is not None and not queue:
+            raise DeployBusy(holder)
+        limit = self._config.max_running
+        if holder is None and limit is not None and self.running >= limit:
+            raise TooBusy(limit)
+        argv = self._command(app, env, action)
         task_id = self._store.next_id()
         task = Task(
             id=task_id,
@@ -127,6 +168,7 @@ class TaskService:
             action=action,
             command=[pulsar.redact(arg) for arg in argv],
             output=self._store.new_output(task_id),
+            status=TaskStatus.CREATED if holder is None else TaskStatus.QUEUED,
             created_by=by,
             marker=secrets.token_hex(8),
         )
@@ -134,8 +176,15 @@ class TaskService:
         self._ends[task.id] = asyncio.get_running_loop().create_future()
         self._publish(task, EventKind.CREATED)
         log.info("task %d created by %s: %s", task.id, by or "anonymous", " ".join(task.command))
-        await asyncio.shield(self._own(self._start(task, argv)))
+        if holder is None:
+            await asyncio.shield(self._own(self._start(task)))
+        else:
+            log.info("task %d queued behind task %d", task.id, holder.id)
+            await asyncio.shield(self._own(self._store.add(task)))
         return task
+
+    def _command(self, app: str, env: str, action: str) -> list[str]:
+        return pulsar.command(self._config.pulsar_bin, app, env, action, self._config.conf_repo)
 
     async def kill(self, task_id: int, by: str | None = None) -> Task:
         """Ask a task to stop (SIGTERM to its tree, SIGKILL after the grace period)."""
@@ -150,7 +199,9 @@ class TaskService:
             child = self._children.get(task_id)
             if child is not None:
                 self._own(child.terminate(self._config.kill_grace))
-            # Without a child the start is still under way; _start sees the request.
+            elif task.status is TaskStatus.QUEUED and task_id not in self._starting:
+                await self._end(task, TaskStatus.KILLED, runner.ExitStatus(None, None))
+            # Otherwise its start is under way, and _start sees the request.
         return task
 
     async def wait_ended(self, task: Task, timeout: float) -> bool:
@@ -223,7 +274,15 @@ class TaskService:
         if not bg.cancelled() and bg.exception() is not None:
             log.error("background work failed", exc_info=bg.exception())
 
-    async def _start(self, task: Task, argv: list[str]) -> None:
+    async def _start(self, task: Task) -> None:
+        self._starting.add(task.id)
+        try:
+            await self._spawn(task)
+        finally:
+            self._starting.discard(task.id)
+
+    async def _spawn(self, task: Task) -> None:
+        argv = self._command(task.app, task.env, task.action)
         # On disk before anything runs: its id is never handed out again, even after a crash.
         try:
             await self._store.add(task)
@@ -304,6 +363,14 @@ class TaskService:
         ended = self._ends.pop(task.id, None)
         if ended is not None:
             ended.set_result(None)
+        waiting = [
+            t
+            for t in self._tasks.values()
+            if t.status is TaskStatus.QUEUED and (t.app, t.env) == (task.app, task.env)
+        ]
+        if waiting and not self._closing and self._holder(task.app, task.env) is None:
+            log.info("task %d: its turn after task %d", waiting[0].id, task.id)
+            self._own(self._start(waiting[0]))
         log.info(
             "task %d %s (exit code %s, signal %s)",
             task.id,

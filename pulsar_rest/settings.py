@@ -52,6 +52,7 @@ class Settings:
     shutdown_grace: float = 30.0
     retain_tasks: int | None = None
     retain_days: float | None = None
+    max_running: int | None = None
     access_log: bool = False
     debug: bool = False
 
@@ -91,6 +92,13 @@ def _count(value: object) -> int:
     count = _int(value)
     if count < 0:
         raise ValueError("must be 0 or more")
+    return count
+
+
+def _positive(value: object) -> int:
+    count = _int(value)
+    if count < 1:
+        raise ValueError("must be 1 or more")
     return count
 
 
@@ -171,6 +179,12 @@ _OPTIONS: tuple[_Option, ...] = (
         _seconds(0, 36500, "days"),
         "days an ended task is kept in the history (default: for ever)",
         "DAYS",
+    ),
+    _Option(
+        "max-running",
+        _positive,
+        "tasks running at once, beyond which creations get 503 (default: no limit)",
+        "N",
     ),
     _Option("access-log", _bool, "log every HTTP request (a proxy in front usually does)"),
     _Option("debug", _bool, "debug logging, and tracebacks in error answers"),

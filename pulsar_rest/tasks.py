@@ -10,6 +10,7 @@ from pulsar_rest.output import OutputLog
 
 
 class TaskStatus(enum.StrEnum):
+    QUEUED = "queued"  # waits for the running deploy of the same app and environment
     CREATED = "created"  # recorded; its process is not started yet
     RUNNING = "running"  # its process was started and has not ended
     FINISHED = "finished"  # exited 0 and pulsar did not report a failure
@@ -27,6 +28,7 @@ _ACTIVE_END = frozenset({TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.INTERR
 
 # The only moves a task may make; anything else is a bug and raises.
 _TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.QUEUED: _ACTIVE_END | {TaskStatus.RUNNING},
     TaskStatus.CREATED: _ACTIVE_END | {TaskStatus.RUNNING},
     TaskStatus.RUNNING: _ACTIVE_END | {TaskStatus.FINISHED},
     TaskStatus.FINISHED: frozenset(),

@@ -109,7 +109,7 @@ async def test_list_tasks_documented_shape(client: Client) -> None:
 
 
 async def test_ids_are_unique_and_increasing(client: Client) -> None:
-    ids = [(await create(client, "ok"))["id"] for _ in range(30)]
+    ids = [(await create(client, "ok", app=f"app{i}"))["id"] for i in range(30)]
     assert ids == sorted(set(ids))
     for task_id in ids:
         await finished(client, task_id)

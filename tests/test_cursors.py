@@ -35,7 +35,7 @@ async def _seq(client: Client) -> int:
 
 async def test_created_since_sees_every_task_of_a_burst(client: Client) -> None:
     start = (await _get(client, "/tasks/created", since=await _seq(client), timeout=0))["seq"]
-    ids = [t["id"] for t in await asyncio.gather(*(create(client, "ok") for _ in range(100)))]
+    ids = [t["id"] for t in await asyncio.gather(*(create(client, "ok", app=f"app{i}") for i in range(100)))]
     answer = await _get(client, "/tasks/created", since=start)
     assert answer["changed"] is True and answer["more"] is False
     assert [t["id"] for t in answer["tasks"]] == sorted(ids)
@@ -61,7 +61,7 @@ async def test_created_since_waits_then_answers(client: Client) -> None:
 async def test_created_since_pages_a_large_burst(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(views, "CREATED_LIMIT", 10)
     cursor = await _seq(client)
-    ids = [(await create(client, "ok"))["id"] for _ in range(25)]
+    ids = [(await create(client, "ok", app=f"app{i}"))["id"] for i in range(25)]
     seen: list[int] = []
     while True:
         answer = await _get(client, "/tasks/created", since=cursor, timeout=0)
@@ -95,7 +95,7 @@ async def test_cursor_older_than_kept_is_410(
     monkeypatch.setattr(events, "KEEP_EVENTS", 5)
     client = await make_client()
     start = await _seq(client)
-    ids = [(await create(client, "ok"))["id"] for _ in range(4)]
+    ids = [(await create(client, "ok", app=f"app{i}"))["id"] for i in range(4)]
     for task_id in ids:
         await finished(client, task_id)  # 12 create and change events: 5 kept
     # The first event of this run was dropped: a cursor at it cannot be answered any more.

@@ -113,7 +113,7 @@ async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
 ) -> None:
     client = await make_client(retain_tasks=2)
     running = await create(client, "gate[r]")
-    done = [await finished(client, (await create(client, "ok"))["id"]) for _ in range(4)]
+    done = [await finished(client, (await create(client, "ok", app=f"app{i}"))["id"]) for i in range(4)]
     listed = await _json(client, "/tasks")
     assert listed["ids"] == [done[3]["id"], done[2]["id"], running["id"]]
     for old in done[:2]:

@@ -209,7 +209,7 @@ async def test_events_resume_without_loss_or_repeat(client: Client, how: str) ->
     sse.resp.close()
     await eventually(lambda: waiters(client) == 0, what="the stream to go")
 
-    missed = [await create(client, "ok") for _ in range(3)]
+    missed = [await create(client, "ok", app=f"app{i}") for i in range(3)]
     for task in missed:
         await finished(client, task["id"])
     expected = kept_since(client, last)
@@ -256,7 +256,7 @@ async def test_events_burst_each_creation_once_in_order(client: Client) -> None:
     start = bus_seq(client)
     sse = await open_sse(client, "/events")
     await eventually(lambda: waiters(client) >= 1, what="the stream to wait")
-    tasks = await asyncio.gather(*(create(client, "ok") for _ in range(50)))
+    tasks = await asyncio.gather(*(create(client, "ok", app=f"app{i}") for i in range(50)))
     ids = {t["id"] for t in tasks}
     got: list[Message] = []
     changes: dict[int, int] = {}
@@ -576,7 +576,7 @@ async def test_websocket_since_replays_creations(client: Client) -> None:
     before = await create(client, "ok")
     await finished(client, before["id"])
     since = bus_seq(client)
-    later = [await create(client, "ok") for _ in range(2)]
+    later = [await create(client, "ok", app=f"app{i}") for i in range(2)]
     for task in later:
         await finished(client, task["id"])
     expected = kept_since(client, since)

@@ -42,6 +42,7 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
         kill_grace=settings.kill_grace,
         retain_tasks=settings.retain_tasks,
         retain_days=settings.retain_days,
+        max_running=settings.max_running,
     )
     service = TaskService(store, bus, config, history.tasks)
     app[ANSWERS] = AnswerCache()

@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 
 from pulsar_rest import __version__
 from pulsar_rest.names import InvalidName
-from pulsar_rest.service import ShuttingDown, TaskEnded, TaskNotFound
+from pulsar_rest.service import DeployBusy, ShuttingDown, TaskEnded, TaskNotFound, TooBusy
 from pulsar_rest.web.keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (TaskEnded, 409),
     (InvalidName, 400),
     (ShuttingDown, 503),
+    (DeployBusy, 409),
+    (TooBusy, 503),
 )
 
 
@@ -51,12 +53,12 @@ def error_response(
     *,
     trace: str | None = None,
     headers: Mapping[str, str] | None = None,
+    task_id: int | None = None,
 ) -> web.Response:
-    body = {
-        "ok": False,
-        "version": VERSION,
-        "error": {"status": status, "message": message, "traceback": trace},
-    }
+    error: dict[str, object] = {"status": status, "message": message, "traceback": trace}
+    if task_id is not None:
+        error["taskId"] = task_id  # the task the error is about (the deploy in the way)
+    body = {"ok": False, "version": VERSION, "error": error}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -85,7 +87,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         for kind, status in _DOMAIN_ERRORS:
             if isinstance(exc, kind):
-                return error_response(status, str(exc))
+                return error_response(status, str(exc), task_id=getattr(exc, "task_id", None))
         log.exception("error answering %s %s", request.method, request.path)
         trace = traceback.format_exc() if request.app[SETTINGS].debug else None
         return error_response(500, "internal error: see the server log", trace=trace)

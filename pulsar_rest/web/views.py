@@ -253,8 +253,15 @@ async def create_task(request: web.Request) -> web.Response:
         raise ApiError(400, "missing task name: send it as 'action' (or 'task')")
     if len(names) > 1:
         raise ApiError(400, "'action' and 'task' name different tasks: send one")
+    queue = fields.get("queue", "false").lower()
+    if queue not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"queue must be true or false, not {queue[:40]!r}")
     task = await request.app[SERVICE].create(
-        request.match_info["app"], request.match_info["env"], names.pop(), by=_who(request)
+        request.match_info["app"],
+        request.match_info["env"],
+        names.pop(),
+        by=_who(request),
+        queue=queue in ("true", "1"),
     )
     location = params.url(request, f"/task/{task.id}")
     data = await request.app[ANSWERS].body(task, changed=False)
@@ -302,9 +309,11 @@ async def _fields(request: web.Request) -> dict[str, str]:
 
 
 def _merge(fields: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
-    for key in ("action", "task"):
+    for key in ("action", "task", "queue"):
         if key in source:
             value = source[key]
+            if key == "queue" and isinstance(value, bool):
+                value = str(value).lower()  # JSON true/false
             if not isinstance(value, str):
                 raise ApiError(400, f"{key!r} in the {where} must be a string")
             fields[key] = value

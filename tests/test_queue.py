@@ -1,0 +1,95 @@
+"""One deploy per app and environment: 409 or a queue; a global limit answers 503."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Client, ClientFactory, create, finished, follow, release
+
+
+async def _post(client: Client, path: str, expect: int, **body: Any) -> dict[str, Any]:
+    resp = await client.post(path, json=body)
+    assert resp.status == expect, await resp.text()
+    answer: dict[str, Any] = await resp.json()
+    return answer
+
+
+async def test_a_second_deploy_of_the_same_app_and_env_is_a_409(client: Client, gates: Path) -> None:
+    first = await create(client, "gate[one]", app="shop", env="prod")
+    busy = await _post(client, "/shop/prod", 409, action="deploy")
+    assert busy["error"]["taskId"] == first["id"]
+    assert f"busy with task {first['id']}" in busy["error"]["message"]
+    assert "queue=true" in busy["error"]["message"]
+    # Another environment, or another app, is no conflict.
+    other_env = await create(client, "ok", app="shop", env="staging")
+    other_app = await create(client, "ok", app="blog", env="prod")
+    assert (await (await client.get("/tasks")).json())["total"] == 3
+    release(gates, "one")
+    for task in (first, other_env, other_app):
+        assert (await finished(client, task["id"]))["status"] == "finished"
+    # Once the deploy has ended, the next one starts.
+    assert (await create(client, "ok", app="shop", env="prod"))["status"] == "running"
+
+
+async def test_queued_deploys_run_one_after_the_other_in_order(client: Client, gates: Path) -> None:
+    first = await create(client, "gate[q1]", app="shop", env="prod")
+    second = (await _post(client, "/shop/prod", 200, action="gate[q2]", queue=True))["task"]
+    third = (await _post(client, "/shop/prod?queue=true", 200, action="ok"))["task"]
+    assert (second["status"], third["status"]) == ("queued", "queued")
+    assert second["pid"] is None and second["startedAt"] is None
+    release(gates, "q1")
+    await finished(client, first["id"])
+    running = await follow(client, second["id"], lambda t: "waiting for q2" in t["output"])
+    assert running["status"] == "running"
+    assert (await (await client.get(f"/task/{third['id']}")).json())["status"] == "queued"
+    release(gates, "q2")
+    done = [await finished(client, t["id"]) for t in (second, third)]
+    assert [t["status"] for t in done] == ["finished", "finished"]
+    assert first["startedAt"] <= done[0]["startedAt"] <= done[1]["startedAt"]
+    assert done[0]["finishedAt"] <= done[1]["startedAt"]  # never at the same time
+
+
+async def test_a_queued_task_can_be_killed_before_it_starts(client: Client, gates: Path) -> None:
+    first = await create(client, "gate[k1]", app="shop", env="prod")
+    doomed = (await _post(client, "/shop/prod", 200, action="ok", queue="true"))["task"]
+    after = (await _post(client, "/shop/prod", 200, action="ok", queue="true"))["task"]
+    killed = await (await client.post(f"/task/{doomed['id']}/kill")).json()
+    assert (killed["status"], killed["pid"], killed["startedAt"]) == ("killed", None, None)
+    assert killed["killedBy"] == "127.0.0.1"
+    release(gates, "k1")
+    await finished(client, first["id"])
+    assert (await finished(client, after["id"]))["status"] == "finished"
+    assert (await (await client.get(f"/task/{doomed['id']}")).json())["startedAt"] is None
+
+
+async def test_max_running_answers_503_beyond_it(make_client: ClientFactory, gates: Path) -> None:
+    client = await make_client(max_running=1)
+    first = await create(client, "gate[m]", app="shop")
+    refused = await _post(client, "/blog/prod", 503, action="ok")
+    assert "--max-running" in refused["error"]["message"]
+    # Queuing behind a deploy of the same app and environment is still possible.
+    queued = (await _post(client, "/shop/prod", 200, action="ok", queue=True))["task"]
+    release(gates, "m")
+    await finished(client, first["id"])
+    await finished(client, queued["id"])
+    assert (await create(client, "ok", app="blog"))["status"] == "running"
+
+
+async def test_bad_queue_value_is_a_400(client: Client) -> None:
+    answer = await _post(client, "/shop/prod", 400, action="ok", queue="soon")
+    assert "queue must be true or false" in answer["error"]["message"]
+
+
+async def test_a_shutdown_kills_queued_tasks_too_and_starts_none(
+    make_client: ClientFactory, gates: Path
+) -> None:
+    client = await make_client()
+    first = await create(client, "gate[r]", app="shop")
+    queued = (await _post(client, "/shop/prod", 200, action="ok", queue=True))["task"]
+    await client.close()  # the running one is killed; the queued one never starts
+    again = await make_client()
+    statuses = [(await (await again.get(f"/task/{task['id']}")).json())["status"] for task in (first, queued)]
+    assert statuses == ["killed", "killed"]
+    never = await (await again.get(f"/task/{queued['id']}")).json()
+    assert (never["startedAt"], never["killedBy"]) == (None, "shutdown")
