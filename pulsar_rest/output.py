@@ -87,10 +87,13 @@ class OutputLog:
         self._tail_limit = tail_limit
         self._closed = writer is None
         self._drain_waiters: list[asyncio.Future[None]] = []
-        # Bytes in the log (some may still be on their way to the file).
+        # Bytes in the file: all that readers see. A byte is shown to nobody before it is in
+        # the file, so whatever a client was shown survives a crash of the server.
         self.size = 0 if writer is not None or not path.exists() else path.stat().st_size
-        self.backlog = 0  # bytes not yet written to the file
+        self.backlog = 0  # bytes taken in, not yet in the file
         self.error: OSError | None = None  # the first write error, if the disk failed us
+        # Called (on the event loop) with the count of bytes that reached the file.
+        self.on_written: Callable[[int], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -137,7 +140,6 @@ class OutputLog:
             return 0
         if self._closed or self._writer is None or self._fd is None:
             raise ValueError(f"{self.path} is closed")
-        self.size += len(data)
         self.backlog += len(data)
         self._tail += data
         # Trim in large steps (the copy is paid once per tail_limit bytes), never dropping
@@ -155,6 +157,11 @@ class OutputLog:
         if not done.cancelled() and done.exception() is not None and self.error is None:
             self.error = done.exception()  # type: ignore[assignment]
             log.error("cannot write %s: %s", self.path, self.error)
+        # Counted as in the file even if the write failed: offsets stay consistent with what
+        # memory holds, and the failure is logged once.
+        self.size += count
+        if self.on_written is not None:
+            self.on_written(count)
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -162,8 +169,8 @@ class OutputLog:
 
     @property
     def tail_start(self) -> int:
-        """Offset of the first byte still in memory."""
-        return self.size - len(self._tail)
+        """Offset of the first byte still in memory (memory also holds the backlog)."""
+        return self.size + self.backlog - len(self._tail)
 
     async def tail(self, limit: int = TAIL_LIMIT) -> tuple[int, str]:
         """The offset and text of (about) the last `limit` bytes, whole characters only."""
@@ -182,7 +189,7 @@ class OutputLog:
         as having one: it is more than a tail's worth)."""
         if offset < self.tail_start:
             return True
-        return self._tail.find(b"\n", offset - self.tail_start) != -1
+        return self._tail.find(b"\n", offset - self.tail_start, self.size - self.tail_start) != -1
 
     async def read(self, offset: int, limit: int) -> bytes:
         """Up to `limit` bytes from `offset`: from memory when it still holds them, else

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import secrets
+import shutil
+import sys
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from pulsar_rest import pulsar, runner
+from pulsar_rest import confrepo, pulsar, runner
 from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.names import check_action, check_name
 from pulsar_rest.store import TaskStore
@@ -58,9 +63,14 @@ BACKLOG_HIGH = 4 * 1024 * 1024
 BACKLOG_LOW = 1024 * 1024
 
 
+class NoConfigRepo(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("no configuration repository: start pulsar-rest with --config-repo")
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    pulsar_bin: str
+    pulsar_bin: str | None  # None: pulsar-rest's own runner on Capistrano (no pulsar installed)
     conf_repo: str | None
     kill_grace: float  # seconds between SIGTERM and SIGKILL
     # How long to keep reading output after the task's processes are gone: a daemon that
@@ -69,6 +79,41 @@ class RunConfig:
     retain_tasks: int | None = None  # ended tasks kept, newest first; None: all
     retain_days: float | None = None  # days an ended task is kept; None: for ever
     max_running: int | None = None  # tasks running at once, all apps; None: no limit
+    run_root: Path | None = None  # where the built-in runner makes each task's run directory
+
+    @property
+    def conf_dir(self) -> Path | None:
+        """The configuration repository when it is a directory here (it can be read)."""
+        if self.conf_repo is None:
+            return None
+        path = Path(self.conf_repo).expanduser()
+        return path if path.is_dir() else None
+
+
+# Task variables reach the task as environment variables (pulsar v1's way of passing task
+# arguments): names like shell variables, and none that would change how the task runs.
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_RESERVED = ("PATH", "HOME", "RUBYOPT", "RUBYLIB", "PULSAR_CONF_REPO")
+_RESERVED_PREFIXES = ("LD_", "PULSAR_REST_", "BUNDLE_", "GEM_")
+
+
+class InvalidVariables(ValueError):
+    pass
+
+
+def check_variables(variables: object) -> dict[str, str]:
+    if not isinstance(variables, dict):
+        raise InvalidVariables("taskVariables must be an object of names and string values")
+    if len(variables) > 100:
+        raise InvalidVariables("taskVariables: 100 at most")
+    for name, value in variables.items():
+        if not isinstance(name, str) or not _VARIABLE.fullmatch(name):
+            raise InvalidVariables(f"taskVariables: {str(name)[:40]!r} is not a variable name")
+        if name in _RESERVED or name.startswith(_RESERVED_PREFIXES):
+            raise InvalidVariables(f"taskVariables: {name} cannot be set by a task")
+        if not isinstance(value, str) or "\0" in value or len(value) > 4096:
+            raise InvalidVariables(f"taskVariables: {name} must be a string (4,096 characters at most)")
+    return dict(variables)
 
 
 # How often old history is pruned by age (by count, it is after each task's end).
@@ -108,6 +153,10 @@ class TaskService:
         return list(self._tasks.values())
 
     @property
+    def conf_dir(self) -> Path | None:
+        return self._config.conf_dir
+
+    @property
     def running(self) -> int:
         """Tasks started and not ended (queued ones wait, they do not count)."""
         return sum(
@@ -143,7 +192,13 @@ class TaskService:
         self._pruner = asyncio.get_running_loop().create_task(self._prune_periodically())
 
     async def create(
-        self, app: str, env: str, action: str, by: str | None = None, queue: bool = False
+        self,
+        app: str,
+        env: str,
+        action: str,
+        by: str | None = None,
+        queue: bool = False,
+        variables: dict[str, str] | None = None,
     ) -> Task:
         """Record a task and start its process, or queue it behind the running deploy of the
         same app and environment when `queue` (else that is a DeployBusy). Once recorded, the
@@ -153,6 +208,11 @@ class TaskService:
         check_name("app", app)
         check_name("environment", env)
         check_action(action)
+        if self._config.pulsar_bin is None and self._config.conf_dir is None:
+            raise NoConfigRepo()
+        if self._config.conf_dir is not None:
+            confrepo.check(self._config.conf_dir, app, env)  # a 404 before anything runs
+        variables = check_variables(variables or {})
         holder = self._holder(app, env)
         if holder is not None and not queue:
             raise DeployBusy(holder)
@@ -171,7 +231,9 @@ class TaskService:
             status=TaskStatus.CREATED if holder is None else TaskStatus.QUEUED,
             created_by=by,
             marker=secrets.token_hex(8),
+            variables=variables,
         )
+        task.output.on_written = lambda count: self._publish(task, EventKind.OUTPUT)
         self._tasks[task.id] = task
         self._ends[task.id] = asyncio.get_running_loop().create_future()
         self._publish(task, EventKind.CREATED)
@@ -183,8 +245,19 @@ class TaskService:
             await asyncio.shield(self._own(self._store.add(task)))
         return task
 
-    def _command(self, app: str, env: str, action: str) -> list[str]:
-        return pulsar.command(self._config.pulsar_bin, app, env, action, self._config.conf_repo)
+    def _command(self, app: str, env: str, action: str, task_id: int | None = None) -> list[str]:
+        config = self._config
+        if config.pulsar_bin is not None:
+            return pulsar.command(config.pulsar_bin, app, env, action, config.conf_repo)
+        argv = [sys.executable, "-m", "pulsar_rest.capistrano", "task", app, env, action]
+        argv += ["--conf-repo", str(config.conf_dir)]
+        if config.run_root is not None and task_id is not None:
+            argv += ["--run-dir", str(self._run_dir(task_id))]
+        return argv
+
+    def _run_dir(self, task_id: int) -> Path:
+        assert self._config.run_root is not None
+        return self._config.run_root / str(task_id)
 
     async def kill(self, task_id: int, by: str | None = None) -> Task:
         """Ask a task to stop (SIGTERM to its tree, SIGKILL after the grace period)."""
@@ -282,7 +355,7 @@ class TaskService:
             self._starting.discard(task.id)
 
     async def _spawn(self, task: Task) -> None:
-        argv = self._command(task.app, task.env, task.action)
+        argv = self._command(task.app, task.env, task.action, task.id)
         # On disk before anything runs: its id is never handed out again, even after a crash.
         try:
             await self._store.add(task)
@@ -292,7 +365,10 @@ class TaskService:
             await self._end(task, TaskStatus.FAILED, runner.ExitStatus(None, None))
             return
         try:
-            child = await runner.spawn(argv, lambda data: self._output(task, data), marker=task.marker)
+            env = {**os.environ, **task.variables} if task.variables else None
+            child = await runner.spawn(
+                argv, lambda data: self._output(task, data), marker=task.marker, env=env
+            )
         except runner.SpawnError as exc:
             log.warning("task %d: %s", task.id, exc)
             self._output(task, f"pulsar-rest: {exc}\n".encode())
@@ -309,8 +385,7 @@ class TaskService:
             self._own(child.terminate(self._config.kill_grace))
 
     def _output(self, task: Task, data: bytes) -> None:
-        if task.output.feed(data):
-            self._publish(task, EventKind.OUTPUT)
+        task.output.feed(data)  # published once in the file (on_written)
         if task.output.backlog > BACKLOG_HIGH:
             child = self._children.get(task.id)
             if child is not None and task.id not in self._paused:
@@ -354,8 +429,7 @@ class TaskService:
 
     async def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
         # The log is complete on disk before the task is said to have ended.
-        if await task.output.close():
-            self._publish(task, EventKind.OUTPUT)
+        await task.output.close()
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal)
         self._kill_requested.discard(task.id)
         self._store.save(task)
@@ -363,6 +437,9 @@ class TaskService:
         ended = self._ends.pop(task.id, None)
         if ended is not None:
             ended.set_result(None)
+        if self._config.run_root is not None:
+            # The runner removes it itself, unless it was killed with SIGKILL.
+            await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         waiting = [
             t
             for t in self._tasks.values()

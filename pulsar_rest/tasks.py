@@ -68,6 +68,9 @@ class Task:
     killed_by: str | None = None
     # The runner's mark on its processes, to find them again after a crash.
     marker: str | None = None
+    # Environment variables for the task (taskVariables). Only their names are shown and
+    # none is recorded in the history: values may be secrets.
+    variables: dict[str, str] = field(default_factory=dict, repr=False)
     # Event numbers (cursors) of its creation and of its last status change.
     created_seq: int = 0
     state_seq: int = 0

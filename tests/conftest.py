@@ -99,7 +99,7 @@ async def follow(
 
 
 async def finished(client: Client, task_id: int) -> dict[str, Any]:
-    return await follow(client, task_id, lambda t: t["status"] not in ("created", "running"))
+    return await follow(client, task_id, lambda t: t["status"] not in ("queued", "created", "running"))
 
 
 def release(gates: Path, name: str) -> None:

@@ -83,16 +83,28 @@ async def test_pulsar_failure_line_with_exit_zero_is_failed(client: Client) -> N
     assert task["status"] == "failed"
 
 
-async def test_missing_pulsar_executable_fails_the_task_clearly(
+async def test_a_pulsar_that_cannot_start_fails_the_task_clearly(
     make_client: ClientFactory, tmp_path: Path
 ) -> None:
-    client = await make_client(pulsar_bin=str(tmp_path / "no-such-pulsar"))
+    broken = tmp_path / "broken-pulsar"
+    broken.write_text("#!/no/such/interpreter\n")
+    broken.chmod(0o755)
+    client = await make_client(pulsar_bin=str(broken))
     resp = await client.post("/shop/prod", json={"action": "deploy"})
     assert resp.status == 200
     task = (await resp.json())["task"]
     assert task["status"] == "failed"
     assert task["pid"] is None
-    assert "cannot start" in task["output"] and "no-such-pulsar" in task["output"]
+    assert "cannot start" in task["output"] and "broken-pulsar" in task["output"]
+
+
+async def test_without_pulsar_nor_configuration_repository_tasks_are_refused(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    client = await make_client(pulsar_bin=str(tmp_path / "no-such-pulsar"))
+    resp = await client.post("/shop/prod", json={"action": "deploy"})
+    assert resp.status == 503
+    assert "--config-repo" in (await resp.json())["error"]["message"]
 
 
 async def test_list_tasks_documented_shape(client: Client) -> None:

@@ -61,6 +61,8 @@ def test_finished_needs_a_start_and_end_needs_an_end_state(tmp_path: Path) -> No
 
 async def test_output_decodes_across_chunks_and_replaces_bad_bytes(tmp_path: Path, writer: LogWriter) -> None:
     out = OutputLog(tmp_path / "out.log", writer)
+    written: list[int] = []
+    out.on_written = written.append
     euro = "€".encode()
     assert out.feed(b"a" + euro[:1]) == 1
     assert out.feed(euro[1:2]) == 0
@@ -68,6 +70,7 @@ async def test_output_decodes_across_chunks_and_replaces_bad_bytes(tmp_path: Pat
     assert out.feed(euro[:2]) == 0
     assert await out.close() == len("\ufffd".encode())
     expected = "a€\ufffd\n\ufffd"
+    assert sum(written) == len(expected.encode())  # each byte said once, once in the file
     assert (await out.tail()) == (0, expected)
     assert (tmp_path / "out.log").read_text() == expected
     assert out.size == len(expected.encode())
@@ -103,10 +106,13 @@ async def test_output_keeps_in_memory_what_the_file_does_not_hold_yet(tmp_path: 
     for start in range(0, len(data), 50):
         out.feed(data[start : start + 50])
     assert out.backlog == len(data)
-    assert await out.read(0, len(data)) == data  # all of it from memory
+    # Nothing is shown before it is in the file: what a client saw survives a crash.
+    assert (out.size, await out.read(0, len(data))) == (0, b"")
+    assert not out.has_newline_after(0)
     gate.set()
     await out.drain()
-    assert out.backlog == 0
+    assert out.backlog == 0 and out.size == len(data)
+    assert await out.read(0, len(data)) == data  # from memory: the tail was kept
     await out.close()
     assert (tmp_path / "out.log").read_bytes() == data
     stalled.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -14,6 +16,8 @@ from pulsar_rest.web.errors import error_middleware
 from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
 from pulsar_rest.web.present import AnswerCache
 from pulsar_rest.web.routes import setup_routes
+
+log = logging.getLogger(__name__)
 
 # Larger bodies are refused with 413: a create request is a few names.
 MAX_BODY = 64 * 1024
@@ -36,13 +40,17 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     store = SqliteStore(settings.data_dir)
     history = await store.open()
     bus = EventBus(last_seq=history.run << RUN_BITS)
+    pulsar_bin = shutil.which(settings.pulsar_bin)
+    if pulsar_bin is None:
+        log.info("no %s executable: tasks run on pulsar-rest's own runner (cap)", settings.pulsar_bin)
     config = RunConfig(
-        pulsar_bin=settings.pulsar_bin,
+        pulsar_bin=None if pulsar_bin is None else settings.pulsar_bin,
         conf_repo=settings.config_repo,
         kill_grace=settings.kill_grace,
         retain_tasks=settings.retain_tasks,
         retain_days=settings.retain_days,
         max_running=settings.max_running,
+        run_root=settings.data_dir / "runs",
     )
     service = TaskService(store, bus, config, history.tasks)
     app[ANSWERS] = AnswerCache()

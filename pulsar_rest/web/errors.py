@@ -13,8 +13,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from pulsar_rest import __version__
+from pulsar_rest.confrepo import UnknownTarget
 from pulsar_rest.names import InvalidName
-from pulsar_rest.service import DeployBusy, ShuttingDown, TaskEnded, TaskNotFound, TooBusy
+from pulsar_rest.service import (
+    DeployBusy,
+    InvalidVariables,
+    NoConfigRepo,
+    ShuttingDown,
+    TaskEnded,
+    TaskNotFound,
+    TooBusy,
+)
 from pulsar_rest.web.keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,9 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (ShuttingDown, 503),
     (DeployBusy, 409),
     (TooBusy, 503),
+    (UnknownTarget, 404),
+    (InvalidVariables, 400),
+    (NoConfigRepo, 503),
 )
 
 

@@ -12,6 +12,7 @@ TASK = "/task/{id}"
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", views.index)
     app.router.add_get("/status", views.status)
+    app.router.add_get("/apps", views.list_apps)
     app.router.add_get("/tasks", views.list_tasks)
     app.router.add_get("/tasks/created", views.tasks_created)
     app.router.add_get("/events", streams.events)

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
+from pulsar_rest import confrepo
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.output import complete_chars
 from pulsar_rest.tasks import Task, TaskStatus
@@ -101,6 +102,14 @@ async def list_tasks(request: web.Request) -> web.Response:
     }
     body = json.dumps(meta)[:-1].encode() + b', "tasks": {' + b", ".join(parts) + b"}}"
     return web.Response(body=body, content_type="application/json")
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    """The apps and their environments, as `pulsar list` defines them."""
+    conf = request.app[SERVICE].conf_dir
+    if conf is None:
+        raise ApiError(503, "the configuration repository is not a directory here: its apps cannot be listed")
+    return _json(confrepo.apps(conf))
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -247,7 +256,7 @@ async def kill_task(request: web.Request) -> web.Response:
 async def create_task(request: web.Request) -> web.Response:
     """POST /:app/:env with the task name as `action` (or `task`) in the body or query."""
     _refuse_route_clash(request)
-    fields = await _fields(request)
+    fields, variables = await _fields(request)
     names = {fields[key] for key in ("action", "task") if key in fields}
     if not names:
         raise ApiError(400, "missing task name: send it as 'action' (or 'task')")
@@ -262,6 +271,7 @@ async def create_task(request: web.Request) -> web.Response:
         names.pop(),
         by=_who(request),
         queue=queue in ("true", "1"),
+        variables=variables,
     )
     location = params.url(request, f"/task/{task.id}")
     data = await request.app[ANSWERS].body(task, changed=False)
@@ -287,12 +297,14 @@ def _refuse_route_clash(request: web.Request) -> None:
         raise ApiError(405, f"method POST is not allowed on {request.path}", {"Allow": "GET"})
 
 
-async def _fields(request: web.Request) -> dict[str, str]:
-    """The request's parameters: the body's (JSON or form) over the query string's."""
+async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]:
+    """The request's parameters (the body's, JSON or form, over the query string's), and
+    its task variables (a JSON body's `taskVariables` object)."""
     fields: dict[str, str] = {}
+    variables: dict[str, str] = {}
     _merge(fields, request.query, "query string")
     if not request.body_exists:
-        return fields
+        return fields, variables
     if request.content_type == "application/json":
         try:
             body = json.loads(await request.text())
@@ -301,11 +313,12 @@ async def _fields(request: web.Request) -> dict[str, str]:
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object")
         _merge(fields, body, "JSON body")
+        variables = body.get("taskVariables", {})  # checked by the service
     elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         _merge(fields, await request.post(), "form body")
     else:
         raise ApiError(415, f"unsupported body type {request.content_type!r}: send JSON or a form")
-    return fields
+    return fields, variables
 
 
 def _merge(fields: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
