@@ -142,6 +142,12 @@ def record(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def show_env(app: str, env: str, action: str, args: list[str]) -> int:
+    """The named environment variables as JSON (null for those not set)."""
+    say(json.dumps({name: os.environ.get(name) for name in args}))
+    return 0
+
+
 def show_args(app: str, env: str, action: str, args: list[str]) -> int:
     say(json.dumps(sys.argv[1:]))
     return 0
@@ -206,6 +212,7 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "interleave": interleave,
     "utf8": utf8,
     "args": show_args,
+    "env": show_env,
     "record": record,
     "stamps": stamps,
     "bytes": many_bytes,
