@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.settings import Settings, SettingsError, load_settings
 from pulsar_rest.store import StoreError
 from pulsar_rest.tls import TLSError, server_context
@@ -70,7 +71,7 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
     )
     try:
         await runner.setup()
-    except StoreError as exc:
+    except (StoreError, RepoUnavailable) as exc:
         raise StartupError(str(exc)) from None
     try:
         site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)

@@ -1,8 +1,19 @@
-"""The configuration repository as pulsar reads it: which apps and environments it has."""
+"""The configuration repository: which apps and environments it has (as pulsar reads it),
+and, when it is a git repository, its clone, kept up to date with GitPython."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import re
+import shutil
+import tarfile
+import tempfile
 from pathlib import Path
+
+import git
+
+from pulsar_rest.pulsar import redact as pulsar_redact
 
 # Entries of apps/ that are shared files, not apps (pulsar v1's rule).
 _SHARED = {"Capfile", "deploy.rb"}
@@ -36,3 +47,115 @@ def check(conf: Path, app: str, env: str) -> None:
         raise UnknownTarget(
             f"app {app!r} has no environment {env!r} (it has: {', '.join(known[app]) or 'none'})"
         )
+
+
+class RepoUnavailable(RuntimeError):
+    """The configuration repository cannot be reached or has no such branch."""
+
+
+# git never prompts (there is no terminal to answer it) and ssh never asks either.
+_GIT_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=15",
+}
+# Exported trees kept (one per commit that ran); older ones are removed.
+_KEEP_TREES = 20
+
+
+def resolve(source: str) -> str:
+    """pulsar's rules: an existing path as it is, `user/repo` as GitHub's, else a git URL."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", source):
+        return f"git@github.com:{source}.git"
+    return source
+
+
+class ConfigRepo:
+    """The configuration repository, kept by pulsar-rest: fetched with GitPython (at most
+    every `interval` seconds), each commit that runs exported to a tree of its own, so a
+    running task never sees its files change. A plain directory (not a git repository) is
+    used as it is, and has no commit."""
+
+    def __init__(self, source: str, branch: str, root: Path, interval: float = 5.0, timeout: float = 60.0):
+        self.url = resolve(source)
+        self.branch = branch
+        self._root = root
+        self._interval = interval
+        self._timeout = timeout
+        self._lock = asyncio.Lock()
+        self._fetched_at = -1e18
+        self._current: tuple[Path, str | None] | None = None
+        local = Path(self.url)
+        self.plain_dir = (
+            local if local.is_dir() and not (local / ".git").exists() and not _is_bare(local) else None
+        )
+
+    async def current(self) -> tuple[Path, str | None]:
+        """The tree to run with and its commit (None for a plain directory), fetched first
+        unless that was done less than `interval` seconds ago."""
+        if self.plain_dir is not None:
+            return self.plain_dir, None
+        async with self._lock:  # one fetch at a time; the others get its result
+            loop = asyncio.get_running_loop()
+            if self._current is None or loop.time() - self._fetched_at >= self._interval:
+                self._current = await asyncio.to_thread(self._update)
+                self._fetched_at = loop.time()
+            return self._current
+
+    def _update(self) -> tuple[Path, str]:
+        try:
+            repo = self._repo()
+            refspec = f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}"
+            repo.git.fetch("--quiet", "--no-tags", "origin", refspec, kill_after_timeout=self._timeout)
+            sha = repo.commit(f"refs/remotes/origin/{self.branch}").hexsha
+            return self._export(repo, sha), sha
+        except git.GitCommandError as exc:
+            detail = (exc.stderr or str(exc)).strip().splitlines()
+            raise RepoUnavailable(
+                f"configuration repository {pulsar_redact(self.url)}, branch {self.branch}: "
+                f"{detail[-1] if detail else 'git failed'}"
+            ) from None
+        except (git.BadName, ValueError) as exc:
+            raise RepoUnavailable(f"configuration repository {pulsar_redact(self.url)}: {exc}") from None
+
+    def _repo(self) -> git.Repo:
+        path = self._root / "repo.git"
+        if (path / "HEAD").exists():
+            repo = git.Repo(path)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            repo = git.Repo.init(path, bare=True)
+        repo.git.update_environment(**_GIT_ENV)
+        if "origin" not in [remote.name for remote in repo.remotes]:
+            repo.create_remote("origin", self.url)
+        elif repo.remotes.origin.url != self.url:
+            repo.remotes.origin.set_url(self.url)
+        return repo
+
+    def _export(self, repo: git.Repo, sha: str) -> Path:
+        trees = self._root / "trees"
+        tree = trees / sha
+        if tree.is_dir():
+            return tree
+        trees.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{sha}.", dir=trees))
+        archive = io.BytesIO()
+        repo.archive(archive, treeish=sha, format="tar")
+        archive.seek(0)
+        with tarfile.open(fileobj=archive) as tar:
+            tar.extractall(building, filter="data")
+        building.rename(tree)  # whole or not at all
+        old = sorted((p for p in trees.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_mtime)
+        for stale in old[:-_KEEP_TREES]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return tree
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def _is_bare(path: Path) -> bool:
+    return (path / "HEAD").is_file() and (path / "objects").is_dir()

@@ -71,7 +71,7 @@ class NoConfigRepo(RuntimeError):
 @dataclass(frozen=True)
 class RunConfig:
     pulsar_bin: str | None  # None: pulsar-rest's own runner on Capistrano (no pulsar installed)
-    conf_repo: str | None
+    conf: confrepo.ConfigRepo | None
     kill_grace: float  # seconds between SIGTERM and SIGKILL
     # How long to keep reading output after the task's processes are gone: a daemon that
     # escaped the tree may hold the pipe open forever.
@@ -80,14 +80,6 @@ class RunConfig:
     retain_days: float | None = None  # days an ended task is kept; None: for ever
     max_running: int | None = None  # tasks running at once, all apps; None: no limit
     run_root: Path | None = None  # where the built-in runner makes each task's run directory
-
-    @property
-    def conf_dir(self) -> Path | None:
-        """The configuration repository when it is a directory here (it can be read)."""
-        if self.conf_repo is None:
-            return None
-        path = Path(self.conf_repo).expanduser()
-        return path if path.is_dir() else None
 
 
 # Task variables reach the task as environment variables (pulsar v1's way of passing task
@@ -152,9 +144,12 @@ class TaskService:
         """Every task, oldest first."""
         return list(self._tasks.values())
 
-    @property
-    def conf_dir(self) -> Path | None:
-        return self._config.conf_dir
+    async def apps(self) -> dict[str, list[str]]:
+        """The apps of the configuration repository's current commit, with their environments."""
+        if self._config.conf is None:
+            raise NoConfigRepo()
+        tree, _ = await self._config.conf.current()
+        return confrepo.apps(tree)
 
     @property
     def running(self) -> int:
@@ -208,18 +203,20 @@ class TaskService:
         check_name("app", app)
         check_name("environment", env)
         check_action(action)
-        if self._config.pulsar_bin is None and self._config.conf_dir is None:
-            raise NoConfigRepo()
-        if self._config.conf_dir is not None:
-            confrepo.check(self._config.conf_dir, app, env)  # a 404 before anything runs
         variables = check_variables(variables or {})
+        tree: Path | None = None
+        if self._config.conf is not None:
+            tree, _ = await self._config.conf.current()  # RepoUnavailable: a 503
+            confrepo.check(tree, app, env)  # a 404 before anything runs
+        elif self._config.pulsar_bin is None:
+            raise NoConfigRepo()
         holder = self._holder(app, env)
         if holder is not None and not queue:
             raise DeployBusy(holder)
         limit = self._config.max_running
         if holder is None and limit is not None and self.running >= limit:
             raise TooBusy(limit)
-        argv = self._command(app, env, action)
+        argv = self._command(app, env, action, tree)
         task_id = self._store.next_id()
         task = Task(
             id=task_id,
@@ -245,12 +242,15 @@ class TaskService:
             await asyncio.shield(self._own(self._store.add(task)))
         return task
 
-    def _command(self, app: str, env: str, action: str, task_id: int | None = None) -> list[str]:
+    def _command(
+        self, app: str, env: str, action: str, tree: Path | None, task_id: int | None = None
+    ) -> list[str]:
+        """The task's argv: with `tree`, the configuration repository's commit to run with."""
         config = self._config
         if config.pulsar_bin is not None:
-            return pulsar.command(config.pulsar_bin, app, env, action, config.conf_repo)
+            return pulsar.command(config.pulsar_bin, app, env, action, None if tree is None else str(tree))
         argv = [sys.executable, "-m", "pulsar_rest.capistrano", "task", app, env, action]
-        argv += ["--conf-repo", str(config.conf_dir)]
+        argv += ["--conf-repo", str(tree)]
         if config.run_root is not None and task_id is not None:
             argv += ["--run-dir", str(self._run_dir(task_id))]
         return argv
@@ -355,7 +355,18 @@ class TaskService:
             self._starting.discard(task.id)
 
     async def _spawn(self, task: Task) -> None:
-        argv = self._command(task.app, task.env, task.action, task.id)
+        tree: Path | None = None
+        if self._config.conf is not None:
+            try:
+                tree, task.conf_commit = await self._config.conf.current()
+            except confrepo.RepoUnavailable as exc:
+                log.warning("task %d: %s", task.id, exc)
+                self._output(task, f"pulsar-rest: {exc}\n".encode())
+                await self._store.add(task)
+                await self._end(task, TaskStatus.FAILED, runner.ExitStatus(None, None))
+                return
+        argv = self._command(task.app, task.env, task.action, tree, task.id)
+        task.command = [pulsar.redact(arg) for arg in argv]
         # On disk before anything runs: its id is never handed out again, even after a crash.
         try:
             await self._store.add(task)

@@ -33,6 +33,7 @@ class Settings:
     port: int = 8001
     config_repo: str | None = None
     config_branch: str = "master"
+    config_fetch_interval: float = 5.0
     log_dir: Path | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     ssl_key: Path | None = None
@@ -157,6 +158,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("port", _port, "port to listen on (0: any free port)", "PORT"),
     _Option("config-repo", _text, "pulsar configuration repository, passed as --conf-repo", "REPO"),
     _Option("config-branch", _text, "branch of the configuration repository", "BRANCH"),
+    _Option(
+        "config-fetch-interval",
+        _seconds(0, 3600),
+        "fetch the repository at most this often (seconds)",
+        "SECONDS",
+    ),
     _Option("log-dir", _path, "directory for pulsar-rest.log, created if missing (default: stdout)", "DIR"),
     _Option("data-dir", _path, "directory for task history and output, created if missing", "DIR"),
     _Option("ssl-key", _path, "TLS private key (PEM); use with --ssl-cert", "FILE"),
@@ -282,11 +289,6 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
 
 
 def _check(s: Settings) -> None:
-    if s.config_branch != "master":
-        raise SettingsError(
-            f"--config-branch {s.config_branch}: pulsar has no branch option, so only the "
-            "default branch (master) can be used until pulsar-rest manages the repository"
-        )
     if s.auth_username or s.auth_password:
         raise SettingsError(
             "--auth-username/--auth-password: authentication is not available in this "

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,14 +50,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     marker TEXT,
     created_seq INTEGER NOT NULL,
     state_seq INTEGER NOT NULL,
-    output_size INTEGER NOT NULL DEFAULT 0
+    output_size INTEGER NOT NULL DEFAULT 0,
+    conf_commit TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
 """
 
 _COLUMNS = (
     "id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code, "
-    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size"
+    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit"
 )
 # Built from the constant above only: no value ever goes into the text of a statement.
 _SELECT_ALL = f"SELECT {_COLUMNS} FROM tasks ORDER BY id"  # noqa: S608
@@ -150,6 +151,8 @@ class SqliteStore:
         version = int(self._meta("schema") or SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema {version} is newer than this pulsar-rest knows")
+        if version < 2:
+            db.execute("ALTER TABLE tasks ADD COLUMN conf_commit TEXT")
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
         rows = db.execute(_SELECT_ALL).fetchall()
@@ -163,8 +166,8 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     def _task(self, row: tuple[Any, ...]) -> Task:
-        (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid,
-         exit_code, signal, created_by, killed_by, marker, created_seq, state_seq, _) = row  # fmt: skip
+        (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code,
+         signal, created_by, killed_by, marker, created_seq, state_seq, _, conf_commit) = row  # fmt: skip
         return Task(
             id=task_id,
             app=app,
@@ -186,6 +189,7 @@ class SqliteStore:
             marker=marker,
             created_seq=created_seq,
             state_seq=state_seq,
+            conf_commit=conf_commit,
         )
 
     # -- writing ---------------------------------------------------------------------------
@@ -206,7 +210,7 @@ class SqliteStore:
             task.id, task.app, task.env, task.action, json.dumps(task.command), task.status.value,
             _iso(task.created_at), _iso(task.started_at), _iso(task.finished_at), task.pid,
             task.exit_code, task.signal, task.created_by, task.killed_by, task.marker,
-            task.created_seq, task.state_seq, task.output.size,
+            task.created_seq, task.state_seq, task.output.size, task.conf_commit,
         )  # fmt: skip
 
     def _upsert(self, row: tuple[Any, ...]) -> None:

@@ -66,6 +66,8 @@ class Task:
     # authentication, or "shutdown".
     created_by: str | None = None
     killed_by: str | None = None
+    # The configuration repository's commit it ran with (None: not a git repository).
+    conf_commit: str | None = None
     # The runner's mark on its processes, to find them again after a crash.
     marker: str | None = None
     # Environment variables for the task (taskVariables). Only their names are shown and

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
+from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
 from tests.conftest import Client, ClientFactory, create, finished, follow, release
 
 
@@ -49,20 +51,27 @@ async def test_task_name_from_json_form_or_query(client: Client, how: str) -> No
     assert task["action"] == "args[x]"
 
 
-async def test_command_is_an_argv_list_with_conf_repo(make_client: ClientFactory, pulsar_bin: str) -> None:
-    client = await make_client(config_repo="https://deployer:s3cret@git.example/conf.git")
+async def test_command_is_an_argv_list_with_the_configuration_commit(
+    make_client: ClientFactory, pulsar_bin: str, tmp_path: Path
+) -> None:
+    conf = tmp_path / "conf"
+    (conf / "apps" / "app").mkdir(parents=True)
+    (conf / "apps" / "app" / "prod.rb").write_text("")
+    client = await make_client(config_repo=str(conf))
     task = await finished(client, (await create(client, "args[a,b=c/d@e+f]"))["id"])
     argv = json.loads(task["output"].splitlines()[0])
-    # Each piece arrives whole, uninterpreted by any shell, with the secret intact...
-    assert argv == [
-        "task", "app", "prod", "args[a,b=c/d@e+f]",
-        "--conf-repo", "https://deployer:s3cret@git.example/conf.git",
-    ]  # fmt: skip
-    # ...but the secret is never shown.
-    assert task["command"] == [
-        pulsar_bin, "task", "app", "prod", "args[a,b=c/d@e+f]",
-        "--conf-repo", "https://deployer:***@git.example/conf.git",
-    ]  # fmt: skip
+    # Each piece arrives whole, uninterpreted by any shell.
+    assert argv == ["task", "app", "prod", "args[a,b=c/d@e+f]", "--conf-repo", str(conf)]
+    assert task["command"] == [pulsar_bin, *argv]
+    assert task["confCommit"] is None  # a plain directory has no commit
+
+
+def test_secrets_in_a_repository_url_never_show(tmp_path: Path) -> None:
+    repo = ConfigRepo("https://deployer:s3cret@127.0.0.1:9/conf.git", "master", tmp_path, timeout=20)
+    with pytest.raises(RepoUnavailable) as caught:
+        asyncio.run(repo.current())
+    assert "s3cret" not in str(caught.value)
+    assert "https://deployer:***@127.0.0.1:9/conf.git" in str(caught.value)
 
 
 async def test_without_conf_repo_no_flag_is_passed(client: Client) -> None:

@@ -112,7 +112,14 @@ ERRORS: dict[str, Callable[[Files], tuple[list[str], list[str]]]] = {
     "port-not-a-number": lambda f: (["--port", "abc"], ["--port: 'abc' must be a whole number"]),
     "port-out-of-range": lambda f: (["--port", "65536"], ["--port", "between 0 and 65535"]),
     "tls-1.1": lambda f: (["--ssl-min-version", "1.1"], ["--ssl-min-version: '1.1' must be one of 1.2, 1.3"]),
-    "config-branch": lambda f: (["--config-branch", "develop"], ["--config-branch develop"]),
+    "config-branch": lambda f: (
+        ["--config-repo", str(f.tmp), "--config-branch", "develop"],
+        ["is a directory, not a git repository", "--config-branch develop cannot apply"],
+    ),
+    "config-repo": lambda f: (
+        ["--config-repo", str(f.tmp / "no-such-repo.git")],
+        ["configuration repository"],
+    ),
     "auth-username": lambda f: (["--auth-username", "x"], ["--auth-username", "not available"]),
     "key-without-cert": lambda f: (["--ssl-key", str(f.key)], ["--ssl-key and --ssl-cert go together"]),
     "unreadable-cert": lambda f: (

@@ -219,7 +219,6 @@ def test_password_not_in_the_settings_repr() -> None:
         (["--ssl-key", "k.pem"], "--ssl-key and --ssl-cert go together"),
         (["--ssl-cert", "c.pem"], "--ssl-key and --ssl-cert go together"),
         (["--ssl-passphrase", "p"], "--ssl-passphrase needs --ssl-key/--ssl-cert or --ssl-pfx"),
-        (["--config-branch", "develop"], "--config-branch develop: pulsar has no branch option"),
         (["--auth-provider", "gitlab"], "--auth-provider gitlab: the only provider is github"),
         (["--auth-method", "token"], "--auth-method token: the only method is user"),
         (["--port"], "argument --port: expected one argument (see --help)"),

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
 from pulsar_rest.events import EventBus
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
@@ -37,15 +38,30 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _tasks(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = SqliteStore(settings.data_dir)
-    history = await store.open()
-    bus = EventBus(last_seq=history.run << RUN_BITS)
     pulsar_bin = shutil.which(settings.pulsar_bin)
     if pulsar_bin is None:
         log.info("no %s executable: tasks run on pulsar-rest's own runner (cap)", settings.pulsar_bin)
+    conf = None
+    if settings.config_repo:
+        conf = ConfigRepo(
+            settings.config_repo,
+            settings.config_branch,
+            settings.data_dir / "conf",
+            settings.config_fetch_interval,
+        )
+        if conf.plain_dir is not None and settings.config_branch != "master":
+            raise RepoUnavailable(
+                f"--config-repo {conf.plain_dir} is a directory, not a git repository: "
+                f"--config-branch {settings.config_branch} cannot apply"
+            )
+        tree, commit = await conf.current()  # unreachable: a start-up error, not a later 503
+        log.info("configuration repository %s at %s", tree, commit or "(a directory, no commit)")
+    store = SqliteStore(settings.data_dir)
+    history = await store.open()
+    bus = EventBus(last_seq=history.run << RUN_BITS)
     config = RunConfig(
         pulsar_bin=None if pulsar_bin is None else settings.pulsar_bin,
-        conf_repo=settings.config_repo,
+        conf=conf,
         kill_grace=settings.kill_grace,
         retain_tasks=settings.retain_tasks,
         retain_days=settings.retain_days,

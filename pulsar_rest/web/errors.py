@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from pulsar_rest import __version__
-from pulsar_rest.confrepo import UnknownTarget
+from pulsar_rest.confrepo import RepoUnavailable, UnknownTarget
 from pulsar_rest.names import InvalidName
 from pulsar_rest.service import (
     DeployBusy,
@@ -56,6 +56,7 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (UnknownTarget, 404),
     (InvalidVariables, 400),
     (NoConfigRepo, 503),
+    (RepoUnavailable, 503),
 )
 
 

@@ -38,6 +38,7 @@ def summary(task: Task) -> dict[str, Any]:
         "finishedAt": _iso(task.finished_at),
         "createdBy": task.created_by,
         "killedBy": task.killed_by,
+        "confCommit": task.conf_commit,
         "taskVariables": sorted(task.variables),  # names only: values may be secrets
         "outputSize": task.output.size,
     }

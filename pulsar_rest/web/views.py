@@ -15,7 +15,6 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from pulsar_rest import confrepo
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.output import complete_chars
 from pulsar_rest.tasks import Task, TaskStatus
@@ -106,10 +105,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def list_apps(request: web.Request) -> web.Response:
     """The apps and their environments, as `pulsar list` defines them."""
-    conf = request.app[SERVICE].conf_dir
-    if conf is None:
-        raise ApiError(503, "the configuration repository is not a directory here: its apps cannot be listed")
-    return _json(confrepo.apps(conf))
+    return _json(await request.app[SERVICE].apps())
 
 
 async def get_task(request: web.Request) -> web.Response:
