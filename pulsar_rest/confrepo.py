@@ -106,11 +106,12 @@ class ConfigRepo:
 
     def _update(self) -> tuple[Path, str]:
         try:
-            repo = self._repo()
-            refspec = f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}"
-            repo.git.fetch("--quiet", "--no-tags", "origin", refspec, kill_after_timeout=self._timeout)
-            sha = repo.commit(f"refs/remotes/origin/{self.branch}").hexsha
-            return self._export(repo, sha), sha
+            # Closed after each use: GitPython keeps `git cat-file` processes open otherwise.
+            with self._repo() as repo:
+                refspec = f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}"
+                repo.git.fetch("--quiet", "--no-tags", "origin", refspec, kill_after_timeout=self._timeout)
+                sha = repo.commit(f"refs/remotes/origin/{self.branch}").hexsha
+                return self._export(repo, sha), sha
         except git.GitCommandError as exc:
             detail = (exc.stderr or str(exc)).strip().splitlines()
             raise RepoUnavailable(

@@ -1,0 +1,97 @@
+"""The configuration repository kept by pulsar-rest with GitPython: commits, branches, fetches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
+from tests.conftest import ClientFactory, create, finished
+from tests.test_capistrano import DEMO, needs_cap
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def conf_git(tmp_path: Path) -> Path:
+    """A git copy of the demo repository, on branch `deploy` (not master)."""
+    repo = tmp_path / "conf-src"
+    shutil.copytree(DEMO, repo)
+    _git(repo, "init", "-q", "-b", "deploy")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "demo")
+    return repo
+
+
+async def test_tasks_run_with_a_commit_of_the_branch(
+    make_client: ClientFactory, conf_git: Path, tmp_path: Path
+) -> None:
+    client = await make_client(config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=0)
+    first = _git(conf_git, "rev-parse", "HEAD")
+    assert await (await client.get("/apps")).json() == {"example": ["production", "staging"]}
+    task = await finished(client, (await create(client, "args", app="example", env="production"))["id"])
+    assert task["confCommit"] == first
+    tree = Path(json.loads(task["output"].splitlines()[0])[-1])
+    assert tree == tmp_path / "data" / "conf" / "trees" / first
+    assert (tree / "apps" / "example" / "production.rb").is_file()
+
+    # A new commit with a new environment: the next task sees it, the old tree stays whole.
+    (conf_git / "apps" / "example" / "qa.rb").write_text("server 'localhost'\n")
+    _git(conf_git, "add", ".")
+    _git(conf_git, "commit", "-qm", "qa")
+    second = _git(conf_git, "rev-parse", "HEAD")
+    assert (await (await client.get("/apps")).json())["example"] == ["production", "qa", "staging"]
+    qa = await finished(client, (await create(client, "ok", app="example", env="qa"))["id"])
+    assert qa["confCommit"] == second and qa["status"] == "finished"
+    assert (tree / "apps" / "example" / "production.rb").is_file()
+    assert not (tree / "apps" / "example" / "qa.rb").exists()
+
+
+async def test_fetches_are_throttled(make_client: ClientFactory, conf_git: Path) -> None:
+    client = await make_client(config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=3600)
+    first = _git(conf_git, "rev-parse", "HEAD")
+    _git(conf_git, "commit", "-q", "--allow-empty", "-m", "later")
+    task = await finished(client, (await create(client, "ok", app="example", env="staging"))["id"])
+    assert task["confCommit"] == first  # the last fetch is recent enough
+
+
+async def test_a_missing_branch_is_unavailable(conf_git: Path, tmp_path: Path) -> None:
+    # At start, the command turns this into its one-line error (see test_cli).
+    with pytest.raises(RepoUnavailable, match="branch nope"):
+        await ConfigRepo(str(conf_git), "nope", tmp_path / "kept").current()
+
+
+async def test_a_repository_gone_later_is_a_503(make_client: ClientFactory, conf_git: Path) -> None:
+    client = await make_client(config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=0)
+    shutil.rmtree(conf_git)
+    resp = await client.post("/example/production", json={"action": "ok"})
+    assert resp.status == 503
+    assert "configuration repository" in (await resp.json())["error"]["message"]
+    assert (await client.get("/apps")).status == 503
+
+
+@needs_cap
+async def test_real_cap_from_a_git_configuration_repository(
+    make_client: ClientFactory, conf_git: Path, tmp_path: Path
+) -> None:
+    client = await make_client(
+        pulsar_bin=str(tmp_path / "no-pulsar"), config_repo=str(conf_git), config_branch="deploy"
+    )
+    resp = await client.post(
+        "/example/staging",
+        json={"action": "demo:progress", "taskVariables": {"DEMO_STEPS": "2", "DEMO_PAUSE": "0"}},
+    )
+    done = await finished(client, (await resp.json())["taskId"])
+    assert done["status"] == "finished", done["output"]
+    assert done["confCommit"] == _git(conf_git, "rev-parse", "HEAD")
+    assert "step 2 of 2 on staging" in done["output"]
