@@ -83,6 +83,14 @@ async def create(client: Client, action: str, app: str = "app", env: str = "prod
     return task
 
 
+async def get_json(client: Client, path: str, expect: int = 200, **params: Any) -> dict[str, Any]:
+    """GET `path` with `params` (as strings), check the status, answer the JSON body."""
+    resp = await client.get(path, params={k: str(v) for k, v in params.items()})
+    assert resp.status == expect, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
 async def follow(
     client: Client, task_id: int, until: Callable[[dict[str, Any]], bool], timeout: float = 15.0
 ) -> dict[str, Any]:

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pulsar_rest import events
 from pulsar_rest.web import views
-from tests.conftest import Client, ClientFactory, create, eventually, finished, follow, release, waiters
-
-
-async def _get(client: Client, path: str, status: int = 200, **params: Any) -> dict[str, Any]:
-    resp = await client.get(path, params={k: str(v) for k, v in params.items()})
-    assert resp.status == status, await resp.text()
-    body: dict[str, Any] = await resp.json()
-    return body
+from tests.conftest import (
+    Client,
+    ClientFactory,
+    create,
+    eventually,
+    finished,
+    follow,
+    get_json,
+    release,
+    waiters,
+)
 
 
 async def _log(client: Client, task_id: int) -> bytes:
@@ -29,19 +31,19 @@ async def _log(client: Client, task_id: int) -> bytes:
 
 async def _seq(client: Client) -> int:
     """The server's current cursor: where a client starts following from."""
-    seq: int = (await _get(client, "/status"))["seq"]
+    seq: int = (await get_json(client, "/status"))["seq"]
     return seq
 
 
 async def test_created_since_sees_every_task_of_a_burst(client: Client) -> None:
-    start = (await _get(client, "/tasks/created", since=await _seq(client), timeout=0))["seq"]
+    start = (await get_json(client, "/tasks/created", since=await _seq(client), timeout=0))["seq"]
     ids = [t["id"] for t in await asyncio.gather(*(create(client, "ok", app=f"app{i}") for i in range(100)))]
-    answer = await _get(client, "/tasks/created", since=start)
+    answer = await get_json(client, "/tasks/created", since=start)
     assert answer["changed"] is True and answer["more"] is False
     assert [t["id"] for t in answer["tasks"]] == sorted(ids)
     assert all("output" not in t for t in answer["tasks"])  # summaries: output is read by offset
     # Nothing new since the cursor: the poll waits, then says so with the same cursor.
-    again = await _get(client, "/tasks/created", since=answer["next"], timeout=0.05)
+    again = await get_json(client, "/tasks/created", since=answer["next"], timeout=0.05)
     assert again["changed"] is False and again["tasks"] == []
     assert again["next"] >= answer["next"]
     for task_id in ids:
@@ -49,8 +51,8 @@ async def test_created_since_sees_every_task_of_a_burst(client: Client) -> None:
 
 
 async def test_created_since_waits_then_answers(client: Client) -> None:
-    cursor = (await _get(client, "/tasks/created", since=await _seq(client), timeout=0))["next"]
-    poll = asyncio.create_task(_get(client, "/tasks/created", since=cursor))
+    cursor = (await get_json(client, "/tasks/created", since=await _seq(client), timeout=0))["next"]
+    poll = asyncio.create_task(get_json(client, "/tasks/created", since=cursor))
     await eventually(lambda: waiters(client) == 1, what="the waiter")
     task = await create(client, "ok")
     answer = await poll
@@ -64,7 +66,7 @@ async def test_created_since_pages_a_large_burst(client: Client, monkeypatch: py
     ids = [(await create(client, "ok", app=f"app{i}"))["id"] for i in range(25)]
     seen: list[int] = []
     while True:
-        answer = await _get(client, "/tasks/created", since=cursor, timeout=0)
+        answer = await get_json(client, "/tasks/created", since=cursor, timeout=0)
         seen += [t["id"] for t in answer["tasks"]]
         cursor = answer["next"]
         if not answer["more"]:
@@ -75,7 +77,7 @@ async def test_created_since_pages_a_large_burst(client: Client, monkeypatch: py
 
 
 async def test_cursor_from_the_future_is_410(client: Client) -> None:
-    body = await _get(client, "/tasks/created", 410, since=await _seq(client) + 10**6)
+    body = await get_json(client, "/tasks/created", 410, since=await _seq(client) + 10**6)
     assert body["error"]["status"] == 410
     assert "ahead" in body["error"]["message"] and "list again" in body["error"]["message"]
 
@@ -84,7 +86,7 @@ async def test_cursor_from_before_this_run_is_410(client: Client) -> None:
     """Cursors are numbered from the run's own base: 0 (or a cursor of an earlier run) is
     older than any event kept, and the client must list again."""
     await finished(client, (await create(client, "ok"))["id"])
-    body = await _get(client, "/tasks/created", 410, since=0)
+    body = await get_json(client, "/tasks/created", 410, since=0)
     assert "older than the events kept" in body["error"]["message"]
     assert "list again" in body["error"]["message"]
 
@@ -99,7 +101,7 @@ async def test_cursor_older_than_kept_is_410(
     for task_id in ids:
         await finished(client, task_id)  # 12 create and change events: 5 kept
     # The first event of this run was dropped: a cursor at it cannot be answered any more.
-    body = await _get(client, "/tasks/created", 410, since=start + 1)
+    body = await get_json(client, "/tasks/created", 410, since=start + 1)
     assert "older than the events kept" in body["error"]["message"]
 
 
@@ -108,7 +110,7 @@ async def test_output_offsets_read_everything_exactly_once(client: Client) -> No
     chunks: list[str] = []
     offset = 0
     while True:
-        answer = await _get(client, f"/task/{task['id']}/output", offset=offset, limit=1000)
+        answer = await get_json(client, f"/task/{task['id']}/output", offset=offset, limit=1000)
         assert answer["offset"] == offset
         assert answer["nextOffset"] == offset + len(answer["output"].encode())
         assert answer["size"] == task["outputSize"]
@@ -122,20 +124,20 @@ async def test_output_offsets_read_everything_exactly_once(client: Client) -> No
 
 async def test_output_offset_follows_a_running_task_by_whole_lines(client: Client, gates: Path) -> None:
     task_id = (await create(client, "gate[a,b]"))["id"]
-    first = await _get(client, f"/task/{task_id}/output", offset=0)
+    first = await get_json(client, f"/task/{task_id}/output", offset=0)
     assert first["output"] == "waiting for a\n"
     assert first["complete"] is False and first["task"]["status"] == "running"
     # Nothing after the cursor yet: it waits, and answers unchanged at the timeout.
-    idle = await _get(client, f"/task/{task_id}/output", offset=first["nextOffset"], timeout=0.05)
+    idle = await get_json(client, f"/task/{task_id}/output", offset=first["nextOffset"], timeout=0.05)
     assert idle["changed"] is False and idle["output"] == "" and idle["nextOffset"] == first["nextOffset"]
-    poll = asyncio.create_task(_get(client, f"/task/{task_id}/output", offset=first["nextOffset"]))
+    poll = asyncio.create_task(get_json(client, f"/task/{task_id}/output", offset=first["nextOffset"]))
     await eventually(lambda: waiters(client) == 1, what="the waiter")
     release(gates, "a")
     second = await poll
     assert second["output"].startswith("passed a\n") and second["output"].endswith("\n")
     release(gates, "b")
     await finished(client, task_id)
-    rest = await _get(client, f"/task/{task_id}/output", offset=second["nextOffset"])
+    rest = await get_json(client, f"/task/{task_id}/output", offset=second["nextOffset"])
     assert rest["complete"] is True
     log = await _log(client, task_id)
     assert (first["output"] + second["output"] + rest["output"]).encode() == log
@@ -144,18 +146,18 @@ async def test_output_offset_follows_a_running_task_by_whole_lines(client: Clien
 async def test_output_offset_holds_back_a_partial_line(client: Client, gates: Path) -> None:
     task_id = (await create(client, "utf8[cut]"))["id"]
     # "start " and half a character arrived, but no whole line: nothing to answer yet.
-    answer = await _get(client, f"/task/{task_id}/output", offset=0, timeout=0.1)
+    answer = await get_json(client, f"/task/{task_id}/output", offset=0, timeout=0.1)
     assert answer["output"] == "" and answer["nextOffset"] == 0
     release(gates, "cut")
     await finished(client, task_id)
-    answer = await _get(client, f"/task/{task_id}/output", offset=0)
+    answer = await get_json(client, f"/task/{task_id}/output", offset=0)
     assert answer["output"] == "start é end\nbad \ufffd\ufffd bytes\n\ufffd"
     assert answer["complete"] is True
 
 
 async def test_output_offset_past_the_end_is_410(client: Client) -> None:
     task = await finished(client, (await create(client, "ok"))["id"])
-    body = await _get(client, f"/task/{task['id']}/output", 410, offset=task["outputSize"] + 1)
+    body = await get_json(client, f"/task/{task['id']}/output", 410, offset=task["outputSize"] + 1)
     assert "past the end" in body["error"]["message"]
 
 
@@ -171,17 +173,17 @@ async def test_output_offset_past_the_end_is_410(client: Client) -> None:
 @pytest.mark.parametrize("value", ["-1", "x", "1.5", "9" * 30])
 async def test_bad_cursor_is_400(client: Client, path: str, param: str, value: str) -> None:
     await finished(client, (await create(client, "ok"))["id"])
-    body = await _get(client, path, 400, **{param: value})
+    body = await get_json(client, path, 400, **{param: value})
     assert param in body["error"]["message"]
 
 
 async def test_state_since_answers_each_change(client: Client, gates: Path) -> None:
     task_id = (await create(client, "gate[s]"))["id"]
-    running = await _get(client, f"/task/{task_id}/state", since=0)
+    running = await get_json(client, f"/task/{task_id}/state", since=0)
     assert running["changed"] is True and running["task"]["status"] == "running"
-    idle = await _get(client, f"/task/{task_id}/state", since=running["next"], timeout=0.05)
+    idle = await get_json(client, f"/task/{task_id}/state", since=running["next"], timeout=0.05)
     assert idle["changed"] is False and idle["next"] == running["next"]
-    poll = asyncio.create_task(_get(client, f"/task/{task_id}/state", since=running["next"]))
+    poll = asyncio.create_task(get_json(client, f"/task/{task_id}/state", since=running["next"]))
     await eventually(lambda: waiters(client) == 1, what="the waiter")
     release(gates, "s")
     ended = await poll
@@ -191,7 +193,7 @@ async def test_state_since_answers_each_change(client: Client, gates: Path) -> N
 
 async def test_state_since_from_the_future_is_410(client: Client) -> None:
     task = await finished(client, (await create(client, "ok"))["id"])
-    body = await _get(client, f"/task/{task['id']}/state", 410, since=await _seq(client) + 10**6)
+    body = await get_json(client, f"/task/{task['id']}/state", 410, since=await _seq(client) + 10**6)
     assert "ahead" in body["error"]["message"]
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.conftest import (
     eventually,
     finished,
     follow,
+    get_json,
     release,
     waiters,
 )
@@ -37,13 +37,6 @@ KEPT = (
 )  # fmt: skip
 
 
-async def _json(client: Client, path: str, expect: int = 200, **params: Any) -> dict[str, Any]:
-    resp = await client.get(path, params={k: str(v) for k, v in params.items()})
-    assert resp.status == expect, await resp.text()
-    body: dict[str, Any] = await resp.json()
-    return body
-
-
 async def test_history_and_output_survive_a_restart(make_client: ClientFactory, gates: Path) -> None:
     client = await make_client()
     ok = await finished(client, (await create(client, "lines[3000]"))["id"])
@@ -53,16 +46,16 @@ async def test_history_and_output_survive_a_restart(make_client: ClientFactory, 
     assert (await client.post(f"/task/{hanging['id']}/kill")).status == 200
     running = await create(client, "gate[never]")
     await follow(client, running["id"], lambda t: "waiting for never" in t["output"])
-    before = {t["id"]: await _json(client, f"/task/{t['id']}") for t in (ok, failed, hanging)}
+    before = {t["id"]: await get_json(client, f"/task/{t['id']}") for t in (ok, failed, hanging)}
     logs = {task_id: await (await client.get(f"/task/{task_id}/log")).read() for task_id in before}
     await client.close()  # a graceful stop: what still runs is killed, and recorded so
 
     again = await make_client()
     for task_id, task in before.items():
-        now = await _json(again, f"/task/{task_id}")
+        now = await get_json(again, f"/task/{task_id}")
         assert {k: now[k] for k in KEPT} == {k: task[k] for k in KEPT}
         assert await (await again.get(f"/task/{task_id}/log")).read() == logs[task_id]
-    stopped = await _json(again, f"/task/{running['id']}")
+    stopped = await get_json(again, f"/task/{running['id']}")
     assert (stopped["status"], stopped["killedBy"]) == ("killed", "shutdown")
     assert stopped["output"].startswith("waiting for never\n")
     assert [t["status"] for t in before.values()] == ["finished", "failed", "killed"]
@@ -77,7 +70,7 @@ async def test_ids_are_not_reused_after_the_newest_tasks_are_pruned(make_client:
     await client.close()
     # Restarting with a retention of nothing removes every ended task...
     pruned = await make_client(retain_tasks=0)
-    assert (await _json(pruned, "/tasks"))["total"] == 0
+    assert (await get_json(pruned, "/tasks"))["total"] == 0
     await pruned.close()
     # ...and still the next id is new.
     again = await make_client()
@@ -92,20 +85,20 @@ async def test_paging_and_filters(client: Client) -> None:
     ]:  # fmt: skip
         made.append(await finished(client, (await create(client, action, app=app, env=env))["id"]))
     ids = [t["id"] for t in made]
-    first = await _json(client, "/tasks", pageSize=3)
+    first = await get_json(client, "/tasks", pageSize=3)
     assert (first["total"], first["page"], first["pageSize"], first["pages"]) == (7, 1, 3, 3)
     assert first["ids"] == ids[::-1][:3]  # newest first
     assert list(first["tasks"]) == [str(i) for i in ids[::-1][:3]]
-    third = await _json(client, "/tasks", pageSize=3, currentPage=3)  # the later API's name
+    third = await get_json(client, "/tasks", pageSize=3, currentPage=3)  # the later API's name
     assert third["ids"] == [ids[0]]
-    assert (await _json(client, "/tasks", pageSize=3, page=4))["ids"] == []
-    shop_prod = await _json(client, "/tasks", app="shop", env="prod")
+    assert (await get_json(client, "/tasks", pageSize=3, page=4))["ids"] == []
+    shop_prod = await get_json(client, "/tasks", app="shop", env="prod")
     assert shop_prod["ids"] == [ids[6], ids[5], ids[3], ids[0]] and shop_prod["total"] == 4
-    failed = await _json(client, "/tasks", status="failed")
+    failed = await get_json(client, "/tasks", status="failed")
     assert failed["ids"] == [ids[3], ids[2]]
-    assert (await _json(client, "/tasks", app="blog", status="finished"))["ids"] == [ids[4]]
-    assert "unknown status" in (await _json(client, "/tasks", 400, status="done"))["error"]["message"]
-    assert "pageSize" in (await _json(client, "/tasks", 400, pageSize=1001))["error"]["message"]
+    assert (await get_json(client, "/tasks", app="blog", status="finished"))["ids"] == [ids[4]]
+    assert "unknown status" in (await get_json(client, "/tasks", 400, status="done"))["error"]["message"]
+    assert "pageSize" in (await get_json(client, "/tasks", 400, pageSize=1001))["error"]["message"]
 
 
 async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
@@ -114,10 +107,10 @@ async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
     client = await make_client(retain_tasks=2)
     running = await create(client, "gate[r]")
     done = [await finished(client, (await create(client, "ok", app=f"app{i}"))["id"]) for i in range(4)]
-    listed = await _json(client, "/tasks")
+    listed = await get_json(client, "/tasks")
     assert listed["ids"] == [done[3]["id"], done[2]["id"], running["id"]]
     for old in done[:2]:
-        await _json(client, f"/task/{old['id']}", 404)
+        await get_json(client, f"/task/{old['id']}", 404)
         assert not (settings.data_dir / "logs" / f"{old['id']}.log").exists()
     assert (settings.data_dir / "logs" / f"{done[3]['id']}.log").exists()
     release(gates, "r")
@@ -130,10 +123,10 @@ async def test_retention_by_age_at_start(make_client: ClientFactory) -> None:
     task = await finished(client, (await create(client, "ok"))["id"])
     await client.close()
     kept = await make_client(retain_days=1)
-    assert (await _json(kept, "/tasks"))["ids"] == [task["id"]]
+    assert (await get_json(kept, "/tasks"))["ids"] == [task["id"]]
     await kept.close()
     pruned = await make_client(retain_days=0)
-    assert (await _json(pruned, "/tasks"))["ids"] == []
+    assert (await get_json(pruned, "/tasks"))["ids"] == []
 
 
 async def test_graceful_shutdown_answers_waiters_refuses_tasks_and_lets_tasks_end(
@@ -153,7 +146,7 @@ async def test_graceful_shutdown_answers_waiters_refuses_tasks_and_lets_tasks_en
     assert not stopping.done()  # the running task is given its time
     release(gates, "end")
     await stopping
-    assert (await _json(client, f"/task/{task['id']}"))["status"] == "finished"
+    assert (await get_json(client, f"/task/{task['id']}"))["status"] == "finished"
 
 
 async def test_shutdown_kills_what_outlives_the_grace(make_client: ClientFactory) -> None:
@@ -166,7 +159,7 @@ async def test_shutdown_kills_what_outlives_the_grace(make_client: ClientFactory
     await client.close()
     assert not alive(task["pid"])
     again = await make_client()
-    stopped = await _json(again, f"/task/{task['id']}")
+    stopped = await get_json(again, f"/task/{task['id']}")
     assert (stopped["status"], stopped["signal"], stopped["killedBy"]) == ("killed", "SIGKILL", "shutdown")
 
 
