@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import git
@@ -58,8 +60,10 @@ _GIT_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=15",
 }
-# Exported trees kept (one per commit that ran); older ones are removed.
+# Exported trees kept (one per commit that ran): the 20 most recently used, and any used in
+# the last day (a task may still run on it); older ones are removed.
 _KEEP_TREES = 20
+_KEEP_USED_WITHIN = 86400.0
 
 
 def resolve(source: str) -> str:
@@ -139,6 +143,7 @@ class ConfigRepo:
         trees = self._root / "trees"
         tree = trees / sha
         if tree.is_dir():
+            os.utime(tree)  # used now: see _KEEP_USED_WITHIN
             return tree
         trees.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(prefix=f".{sha}.", dir=trees))
@@ -150,7 +155,8 @@ class ConfigRepo:
         building.rename(tree)  # whole or not at all
         old = sorted((p for p in trees.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_mtime)
         for stale in old[:-_KEEP_TREES]:
-            shutil.rmtree(stale, ignore_errors=True)
+            if time.time() - _mtime(stale) > _KEEP_USED_WITHIN:
+                shutil.rmtree(stale, ignore_errors=True)
         return tree
 
 
