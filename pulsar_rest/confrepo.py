@@ -88,7 +88,7 @@ class ConfigRepo:
         self._root = root
         self._interval = interval
         self._timeout = timeout
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Task[tuple[Path, str]] | None = None
         self._fetched_at = -1e18
         self._current: tuple[Path, str | None] | None = None
         local = Path(self.url)
@@ -101,12 +101,23 @@ class ConfigRepo:
         unless that was done less than `interval` seconds ago."""
         if self.plain_dir is not None:
             return self.plain_dir, None
-        async with self._lock:  # one fetch at a time; the others get its result
-            loop = asyncio.get_running_loop()
-            if self._current is None or loop.time() - self._fetched_at >= self._interval:
-                self._current = await asyncio.to_thread(self._update)
-                self._fetched_at = loop.time()
+        loop = asyncio.get_running_loop()
+        if self._current is not None and loop.time() - self._fetched_at < self._interval:
             return self._current
+        # One fetch at a time, whoever waits for it: a caller that gives up (a client gone)
+        # leaves it running, and the next caller waits for that one instead of starting another.
+        if self._fetching is None:
+            self._fetching = loop.create_task(self._fetch())
+            self._fetching.add_done_callback(_retrieve)
+        return await asyncio.shield(self._fetching)
+
+    async def _fetch(self) -> tuple[Path, str]:
+        try:
+            self._current = await asyncio.to_thread(self._update)
+            self._fetched_at = asyncio.get_running_loop().time()
+            return self._current
+        finally:
+            self._fetching = None
 
     def _update(self) -> tuple[Path, str]:
         try:
@@ -122,7 +133,7 @@ class ConfigRepo:
                 f"configuration repository {pulsar_redact(self.url)}, branch {self.branch}: "
                 f"{detail[-1] if detail else 'git failed'}"
             ) from None
-        except (git.BadName, ValueError) as exc:
+        except (git.BadName, ValueError, OSError) as exc:  # OSError: our disk (full, unwritable)
             raise RepoUnavailable(f"configuration repository {pulsar_redact(self.url)}: {exc}") from None
 
     def _repo(self) -> git.Repo:
@@ -152,12 +163,25 @@ class ConfigRepo:
         archive.seek(0)
         with tarfile.open(fileobj=archive) as tar:
             tar.extractall(building, filter="data")
-        building.rename(tree)  # whole or not at all
+        try:
+            building.rename(tree)  # whole or not at all
+        except OSError:
+            shutil.rmtree(building, ignore_errors=True)
+            if not tree.is_dir():
+                raise
+            # Exported meanwhile (another server sharing the data directory): the same files.
         old = sorted((p for p in trees.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_mtime)
         for stale in old[:-_KEEP_TREES]:
             if time.time() - _mtime(stale) > _KEEP_USED_WITHIN:
                 shutil.rmtree(stale, ignore_errors=True)
         return tree
+
+
+def _retrieve(fetch: asyncio.Task[tuple[Path, str]]) -> None:
+    # Its failure reaches whoever awaits it; with nobody left waiting, it is not an error
+    # of the event loop ("exception never retrieved"): the next caller fetches again.
+    if not fetch.cancelled():
+        fetch.exception()
 
 
 def _mtime(path: Path) -> float:

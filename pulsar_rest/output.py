@@ -73,14 +73,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 class OutputLog:
     def __init__(self, path: Path, writer: LogWriter | None, tail_limit: int = TAIL_LIMIT) -> None:
-        """A new, empty log (whatever a file of that name held before), written by `writer`;
-        without a writer, the existing log of an ended task, for reading."""
+        """A new, empty log, written by `writer`; without a writer, the existing log of an
+        ended task, for reading. The file is made by the first write: a task that waits in a
+        queue holds no file descriptor, and one that never wrote has no file."""
         self.path = path
-        self._fd: int | None = None
-        if writer is not None:
-            self._fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640
-            )
+        self._fd: int | None = None  # opened and closed by the writer's thread only
         self._writer = writer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tail = bytearray()
@@ -123,8 +120,8 @@ class OutputLog:
             return 0
         added = self._append(self._decoder.decode(b"", final=True).encode())
         self._closed = True
-        assert self._writer is not None and self._fd is not None
-        await self._writer.submit(os.close, self._fd)
+        assert self._writer is not None
+        await self._writer.submit(self._close_file)
         self._tail = bytearray()  # all of it is in the file now
         return added
 
@@ -138,7 +135,7 @@ class OutputLog:
     def _append(self, data: bytes) -> int:
         if not data:
             return 0
-        if self._closed or self._writer is None or self._fd is None:
+        if self._closed or self._writer is None:
             raise ValueError(f"{self.path} is closed")
         self.backlog += len(data)
         self._tail += data
@@ -147,10 +144,22 @@ class OutputLog:
         keep = max(self._tail_limit, self.backlog)
         if len(self._tail) > 2 * keep:
             del self._tail[: len(self._tail) - keep]
-        self._writer.submit(_write_all, self._fd, data).add_done_callback(
+        self._writer.submit(self._write_file, data).add_done_callback(
             functools.partial(self._written, len(data))
         )
         return len(data)
+
+    def _write_file(self, data: bytes) -> None:
+        if self._fd is None:
+            # Truncated: whatever a file of that name held before is not this task's.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, 0o640)
+        _write_all(self._fd, data)
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _written(self, count: int, done: asyncio.Future[object]) -> None:
         self.backlog -= count

@@ -105,6 +105,10 @@ def check_variables(variables: object) -> dict[str, str]:
             raise InvalidVariables(f"taskVariables: {name} cannot be set by a task")
         if not isinstance(value, str) or "\0" in value or len(value) > 4096:
             raise InvalidVariables(f"taskVariables: {name} must be a string (4,096 characters at most)")
+        try:
+            value.encode()  # what the environment holds: a lone surrogate has no bytes
+        except UnicodeEncodeError:
+            raise InvalidVariables(f"taskVariables: {name} is not valid Unicode text") from None
     return dict(variables)
 
 
@@ -123,7 +127,6 @@ class TaskService:
         self._children: dict[int, runner.ChildProcess] = {}
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
-        self._starting: set[int] = set()  # tasks between their turn and their process
         self._background: set[asyncio.Task[Any]] = set()
         self._pruner: asyncio.Task[None] | None = None
         # Resolved when each running task ends: waits that go on while the bus is closed.
@@ -154,18 +157,12 @@ class TaskService:
     @property
     def running(self) -> int:
         """Tasks started and not ended (queued ones wait, they do not count)."""
-        return sum(
-            1 for task in self._tasks.values() if task.status in (TaskStatus.CREATED, TaskStatus.RUNNING)
-        )
+        return sum(1 for task in self._tasks.values() if task.status.going)
 
     def _holder(self, app: str, env: str) -> Task | None:
         """The task deploying `app` to `env` now, if any."""
         for task in reversed(self._tasks.values()):
-            if (
-                task.app == app
-                and task.env == env
-                and task.status in (TaskStatus.CREATED, TaskStatus.RUNNING)
-            ):
+            if task.app == app and task.env == env and task.status.going:
                 return task
         return None
 
@@ -272,9 +269,9 @@ class TaskService:
             child = self._children.get(task_id)
             if child is not None:
                 self._own(child.terminate(self._config.kill_grace))
-            elif task.status is TaskStatus.QUEUED and task_id not in self._starting:
+            elif task.status is TaskStatus.QUEUED:
                 await self._end(task, TaskStatus.KILLED, runner.ExitStatus(None, None))
-            # Otherwise its start is under way, and _start sees the request.
+            # Otherwise its start is under way, and _spawn sees the request.
         return task
 
     async def wait_ended(self, task: Task, timeout: float) -> bool:
@@ -293,10 +290,11 @@ class TaskService:
         self._closing = True
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no task is going, at most `timeout` seconds; True if none is."""
+        """Wait until no task is going, at most `timeout` seconds; True if none is. Queued
+        tasks do not count: once the server stops accepting, they never start."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for task in [task for task in self._tasks.values() if not task.status.ended]:
+        for task in [task for task in self._tasks.values() if task.status.going]:
             if not await self.wait_ended(task, max(0.0, deadline - loop.time())):
                 return False
         return True
@@ -308,7 +306,8 @@ class TaskService:
         if self._pruner is not None:
             self._pruner.cancel()
         for task in [task for task in self._tasks.values() if not task.status.ended]:
-            await self.kill(task.id, by="shutdown")
+            if not task.status.ended:  # it may have ended while an earlier kill was awaited
+                await self.kill(task.id, by="shutdown")
         if self._background:
             await asyncio.wait(self._background, timeout=self._config.kill_grace + 10)
         for leftover in list(self._background):
@@ -348,11 +347,15 @@ class TaskService:
             log.error("background work failed", exc_info=bg.exception())
 
     async def _start(self, task: Task) -> None:
-        self._starting.add(task.id)
         try:
             await self._spawn(task)
-        finally:
-            self._starting.discard(task.id)
+        except Exception:
+            # Whatever went wrong, the task ends: never a task `created` for ever, holding
+            # its app and environment.
+            log.exception("task %d: could not be started", task.id)
+            if not task.status.ended and task.id not in self._children:
+                self._output(task, b"pulsar-rest: the task could not be started: see the server log\n")
+                await self._end(task, TaskStatus.FAILED, runner.ExitStatus(None, None))
 
     async def _spawn(self, task: Task) -> None:
         tree: Path | None = None
@@ -374,6 +377,9 @@ class TaskService:
             log.exception("task %d: cannot record it, so it is not started", task.id)
             self._output(task, b"pulsar-rest: the task could not be recorded: see the server log\n")
             await self._end(task, TaskStatus.FAILED, runner.ExitStatus(None, None))
+            return
+        if task.id in self._kill_requested:  # killed while it was being recorded
+            await self._end(task, TaskStatus.KILLED, runner.ExitStatus(None, None))
             return
         try:
             env = {**os.environ, **task.variables} if task.variables else None
@@ -439,32 +445,35 @@ class TaskService:
         await self._end(task, status, exit_status)
 
     async def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
-        # The log is complete on disk before the task is said to have ended.
+        # The log is complete on disk, and the run directory gone, before the task is said to
+        # have ended.
         await task.output.close()
+        if self._config.run_root is not None:
+            # The runner removes it itself, unless it was killed with SIGKILL.
+            await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal)
         self._kill_requested.discard(task.id)
         self._store.save(task)
         self._publish(task, EventKind.CHANGED)
+        log.info(
+            "task %d %s (exit code %s, signal %s)", task.id, status, exit_status.code, exit_status.signal
+        )
         ended = self._ends.pop(task.id, None)
         if ended is not None:
             ended.set_result(None)
-        if self._config.run_root is not None:
-            # The runner removes it itself, unless it was killed with SIGKILL.
-            await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         waiting = [
             t
             for t in self._tasks.values()
             if t.status is TaskStatus.QUEUED and (t.app, t.env) == (task.app, task.env)
         ]
         if waiting and not self._closing and self._holder(task.app, task.env) is None:
-            log.info("task %d: its turn after task %d", waiting[0].id, task.id)
-            self._own(self._start(waiting[0]))
-        log.info(
-            "task %d %s (exit code %s, signal %s)",
-            task.id,
-            status,
-            exit_status.code,
-            exit_status.signal,
-        )
+            turn = waiting[0]
+            # `created` in the same step as the end above, before anything is awaited: no
+            # other request slips in between, it counts as running, and it is started once.
+            turn.take_turn()
+            self._store.save(turn)
+            self._publish(turn, EventKind.CHANGED)
+            log.info("task %d: its turn after task %d", turn.id, task.id)
+            self._own(self._start(turn))
         if self._config.retain_tasks is not None:
             await self.prune()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,8 +204,10 @@ class _Parser(argparse.ArgumentParser):
         # One line, not argparse's usage block: start-up errors are one line everywhere.
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            # Only the flags: a mistyped --auth-pasword must not print the password after it.
-            flags = [arg.split("=")[0] for arg in message[len(prefix) :].split() if arg.startswith("-")]
+            # Only what looks like a flag's name: a mistyped --auth-pasword must not print the
+            # password after it, even one that starts with "-".
+            names = (arg.split("=")[0] for arg in message[len(prefix) :].split())
+            flags = [name for name in names if re.fullmatch(r"--[a-z][a-z-]*", name)]
             message = prefix + (" ".join(flags) or "(values without a flag)")
         raise SettingsError(f"{message} (see --help)")
 

@@ -22,13 +22,18 @@ class TaskStatus(enum.StrEnum):
     def ended(self) -> bool:
         return self in _ENDED
 
+    @property
+    def going(self) -> bool:
+        """Its turn has come and it has not ended: it holds its app and environment."""
+        return self in (TaskStatus.CREATED, TaskStatus.RUNNING)
+
 
 _ENDED = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.INTERRUPTED})
 _ACTIVE_END = frozenset({TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.INTERRUPTED})
 
 # The only moves a task may make; anything else is a bug and raises.
 _TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.QUEUED: _ACTIVE_END | {TaskStatus.RUNNING},
+    TaskStatus.QUEUED: _ACTIVE_END | {TaskStatus.CREATED},  # its turn has come
     TaskStatus.CREATED: _ACTIVE_END | {TaskStatus.RUNNING},
     TaskStatus.RUNNING: _ACTIVE_END | {TaskStatus.FINISHED},
     TaskStatus.FINISHED: frozenset(),
@@ -82,6 +87,10 @@ class Task:
         """Changes whenever anything shown of the task changes: its status, its output, or
         who asked for its kill (recorded before its status changes)."""
         return self.state_seq, self.output.size, self.killed_by
+
+    def take_turn(self) -> None:
+        """A queued task's turn has come: it holds its app and environment from now on."""
+        self._move(TaskStatus.CREATED)
 
     def start(self, pid: int, now: datetime | None = None) -> None:
         self._move(TaskStatus.RUNNING)

@@ -91,19 +91,26 @@ async def get_json(client: Client, path: str, expect: int = 200, **params: Any) 
     return body
 
 
+async def post_json(client: Client, path: str, expect: int = 200, **body: Any) -> dict[str, Any]:
+    """POST `body` as JSON to `path`, check the status, answer the JSON body."""
+    resp = await client.post(path, json=body)
+    assert resp.status == expect, await resp.text()
+    answer: dict[str, Any] = await resp.json()
+    return answer
+
+
 async def follow(
     client: Client, task_id: int, until: Callable[[dict[str, Any]], bool], timeout: float = 15.0
 ) -> dict[str, Any]:
-    """Long-poll the task's output until `until(task)` holds: event-driven, with a deadline."""
+    """Read the task until `until(task)` holds, waiting in between for new output from
+    where the last read ended (a cursor: nothing written in between is missed) or for the
+    task's end; a status change without output is seen within a second. With a deadline."""
     async with asyncio.timeout(timeout):
-        task: dict[str, Any] = await (await client.get(f"/task/{task_id}")).json()
-        while not until(task):
-            resp = await client.get(f"/task/{task_id}/output", params={"timeout": "5"})
-            assert resp.status == 200
-            answer = await resp.json()
-            if answer["changed"]:
-                task = answer["task"]
-        return task
+        while True:
+            task: dict[str, Any] = await get_json(client, f"/task/{task_id}")
+            if until(task):
+                return task
+            await get_json(client, f"/task/{task_id}/output", offset=task["outputSize"], timeout=1)
 
 
 async def finished(client: Client, task_id: int) -> dict[str, Any]:

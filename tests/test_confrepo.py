@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
-from tests.conftest import ClientFactory, create, finished
+from tests.conftest import ClientFactory, create, eventually, finished, get_json, post_json, release
 from tests.test_capistrano import DEMO, needs_cap
 
 
@@ -95,3 +96,48 @@ async def test_real_cap_from_a_git_configuration_repository(
     assert done["status"] == "finished", done["output"]
     assert done["confCommit"] == _git(conf_git, "rev-parse", "HEAD")
     assert "step 2 of 2 on staging" in done["output"]
+
+
+async def test_a_queued_task_takes_its_turn_with_the_end_while_it_fetches(
+    make_client: ClientFactory, conf_git: Path, gates: Path
+) -> None:
+    # A fetch before each task: the second task's start takes a while.
+    client = await make_client(
+        config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=0, max_running=1
+    )
+    path = "/example/production"
+    first = await create(client, "gate[t1]", app="example", env="production")
+    second = (await post_json(client, path, action="gate[t2]", queue=True))["task"]
+    third = (await post_json(client, path, action="ok", queue=True))["task"]
+    release(gates, "t1")
+    await finished(client, first["id"])
+    # As soon as the first is seen ended, the second holds the app and environment and
+    # counts as running, though its start is still under way: no request slips in between.
+    assert (await get_json(client, f"/task/{second['id']}"))["status"] in ("created", "running")
+    assert (await post_json(client, path, 409, action="ok"))["error"]["taskId"] == second["id"]
+    busy = await post_json(client, "/example/staging", 503, action="ok")
+    assert "--max-running" in busy["error"]["message"]
+    assert (await get_json(client, f"/task/{third['id']}"))["status"] == "queued"
+    release(gates, "t2")
+    assert [(await finished(client, t["id"]))["status"] for t in (second, third)] == ["finished", "finished"]
+
+
+async def test_a_fetch_given_up_by_its_caller_is_shared_not_repeated(
+    conf_git: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = ConfigRepo(str(conf_git), "deploy", tmp_path / "kept", interval=0)
+    updates: list[str] = []
+    update = repo._update
+
+    def counted() -> tuple[Path, str]:
+        updates.append("fetch")
+        return update()
+
+    monkeypatch.setattr(repo, "_update", counted)
+    gone = asyncio.create_task(repo.current())
+    await eventually(lambda: bool(updates), what="the fetch")
+    gone.cancel()  # a client that went away
+    tree, sha = await repo.current()  # waits for the fetch under way
+    assert updates == ["fetch"]
+    assert sha == _git(conf_git, "rev-parse", "HEAD") and (tree / "apps").is_dir()
+    assert gone.cancelled()

@@ -30,6 +30,8 @@ def assert_envelope(body: dict[str, Any], status: int) -> None:
     assert body["error"]["traceback"] is None
 
 
+JSON, FORM = "application/json", "application/x-www-form-urlencoded"
+
 # (method, path, keyword arguments of the request, expected status, words in the message)
 CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("GET", "/no/such/route", {}, 404, "no such resource"),
@@ -68,6 +70,13 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/shop/pr..od", {"json": {"action": "deploy"}}, 400, "invalid environment name"),
     ("POST", "/sh%2Fop/prod", {"json": {"action": "deploy"}}, 400, "invalid app name"),
     ("GET", "/tasks/created?timeout=x", {}, 400, "timeout"),
+    ("POST", "/shop/prod", {"data": '{"action":"ok"}', "headers": {"Content-Type": f"{JSON}; charset=bogus"}},
+     415, "unknown charset 'bogus'"),
+    ("POST", "/shop/prod", {"data": "action=ok", "headers": {"Content-Type": f"{FORM}; charset=bogus"}},
+     415, "unknown charset 'bogus'"),
+    # JSON may escape a lone surrogate; no environment variable can hold it.
+    ("POST", "/shop/prod", {"data": '{"action": "ok", "taskVariables": {"A": "\\ud800"}}',
+     "headers": {"Content-Type": "application/json"}}, 400, "A is not valid Unicode text"),
 ]  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     finished,
     follow,
     get_json,
+    post_json,
     release,
     waiters,
 )
@@ -107,15 +108,18 @@ async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
     client = await make_client(retain_tasks=2)
     running = await create(client, "gate[r]")
     done = [await finished(client, (await create(client, "ok", app=f"app{i}"))["id"]) for i in range(4)]
+    # Pruned once the last one has ended: its end is published first, then the old ones go.
+    logs = settings.data_dir / "logs"
+    await eventually(lambda: not (logs / f"{done[1]['id']}.log").exists(), what="the pruning")
     listed = await get_json(client, "/tasks")
     assert listed["ids"] == [done[3]["id"], done[2]["id"], running["id"]]
     for old in done[:2]:
         await get_json(client, f"/task/{old['id']}", 404)
-        assert not (settings.data_dir / "logs" / f"{old['id']}.log").exists()
-    assert (settings.data_dir / "logs" / f"{done[3]['id']}.log").exists()
-    release(gates, "r")
-    await finished(client, running["id"])
-    await eventually(lambda: not (settings.data_dir / "logs" / f"{running['id']}.log").exists())
+        assert not (logs / f"{old['id']}.log").exists()
+    assert (logs / f"{done[3]['id']}.log").exists()
+    release(gates, "r")  # ended, it is the oldest: pruned at once
+    await eventually(lambda: not (logs / f"{running['id']}.log").exists(), what="the pruning")
+    await get_json(client, f"/task/{running['id']}", 404)
 
 
 async def test_retention_by_age_at_start(make_client: ClientFactory) -> None:
@@ -135,6 +139,7 @@ async def test_graceful_shutdown_answers_waiters_refuses_tasks_and_lets_tasks_en
     assert client.app is not None
     task = await create(client, "gate[end]")
     await follow(client, task["id"], lambda t: "waiting for end" in t["output"])
+    queued = await post_json(client, "/app/prod", action="ok", queue=True)
     poll = asyncio.create_task(client.get("/tasks/created"))
     await eventually(lambda: waiters(client) == 1, what="the long-poll")
     stopping = asyncio.create_task(shutdown(client.app, grace=30))
@@ -145,8 +150,11 @@ async def test_graceful_shutdown_answers_waiters_refuses_tasks_and_lets_tasks_en
     assert "shutting down" in (await refused.json())["error"]["message"]
     assert not stopping.done()  # the running task is given its time
     release(gates, "end")
-    await stopping
+    # Done once the running task has ended: a queued task never starts now, so nothing
+    # waits for it (it is killed by the cleanup that follows).
+    await asyncio.wait_for(stopping, 10)
     assert (await get_json(client, f"/task/{task['id']}"))["status"] == "finished"
+    assert (await get_json(client, f"/task/{queued['taskId']}"))["status"] == "queued"
 
 
 async def test_shutdown_kills_what_outlives_the_grace(make_client: ClientFactory) -> None:

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
-from tests.conftest import Client, ClientFactory, create, finished, follow, release
+import psutil
+import pytest
 
-
-async def _post(client: Client, path: str, expect: int, **body: Any) -> dict[str, Any]:
-    resp = await client.post(path, json=body)
-    assert resp.status == expect, await resp.text()
-    answer: dict[str, Any] = await resp.json()
-    return answer
+from pulsar_rest import runner
+from pulsar_rest.settings import Settings
+from tests.conftest import (
+    Client,
+    ClientFactory,
+    alive,
+    create,
+    finished,
+    follow,
+    post_json,
+    release,
+)
 
 
 async def test_a_second_deploy_of_the_same_app_and_env_is_a_409(client: Client, gates: Path) -> None:
     first = await create(client, "gate[one]", app="shop", env="prod")
-    busy = await _post(client, "/shop/prod", 409, action="deploy")
+    busy = await post_json(client, "/shop/prod", 409, action="deploy")
     assert busy["error"]["taskId"] == first["id"]
     assert f"busy with task {first['id']}" in busy["error"]["message"]
     assert "queue=true" in busy["error"]["message"]
@@ -34,8 +41,8 @@ async def test_a_second_deploy_of_the_same_app_and_env_is_a_409(client: Client, 
 
 async def test_queued_deploys_run_one_after_the_other_in_order(client: Client, gates: Path) -> None:
     first = await create(client, "gate[q1]", app="shop", env="prod")
-    second = (await _post(client, "/shop/prod", 200, action="gate[q2]", queue=True))["task"]
-    third = (await _post(client, "/shop/prod?queue=true", 200, action="ok"))["task"]
+    second = (await post_json(client, "/shop/prod", 200, action="gate[q2]", queue=True))["task"]
+    third = (await post_json(client, "/shop/prod?queue=true", 200, action="ok"))["task"]
     assert (second["status"], third["status"]) == ("queued", "queued")
     assert second["pid"] is None and second["startedAt"] is None
     release(gates, "q1")
@@ -52,8 +59,8 @@ async def test_queued_deploys_run_one_after_the_other_in_order(client: Client, g
 
 async def test_a_queued_task_can_be_killed_before_it_starts(client: Client, gates: Path) -> None:
     first = await create(client, "gate[k1]", app="shop", env="prod")
-    doomed = (await _post(client, "/shop/prod", 200, action="ok", queue="true"))["task"]
-    after = (await _post(client, "/shop/prod", 200, action="ok", queue="true"))["task"]
+    doomed = (await post_json(client, "/shop/prod", 200, action="ok", queue="true"))["task"]
+    after = (await post_json(client, "/shop/prod", 200, action="ok", queue="true"))["task"]
     killed = await (await client.post(f"/task/{doomed['id']}/kill")).json()
     assert (killed["status"], killed["pid"], killed["startedAt"]) == ("killed", None, None)
     assert killed["killedBy"] == "127.0.0.1"
@@ -66,10 +73,10 @@ async def test_a_queued_task_can_be_killed_before_it_starts(client: Client, gate
 async def test_max_running_answers_503_beyond_it(make_client: ClientFactory, gates: Path) -> None:
     client = await make_client(max_running=1)
     first = await create(client, "gate[m]", app="shop")
-    refused = await _post(client, "/blog/prod", 503, action="ok")
+    refused = await post_json(client, "/blog/prod", 503, action="ok")
     assert "--max-running" in refused["error"]["message"]
     # Queuing behind a deploy of the same app and environment is still possible.
-    queued = (await _post(client, "/shop/prod", 200, action="ok", queue=True))["task"]
+    queued = (await post_json(client, "/shop/prod", 200, action="ok", queue=True))["task"]
     release(gates, "m")
     await finished(client, first["id"])
     await finished(client, queued["id"])
@@ -77,7 +84,7 @@ async def test_max_running_answers_503_beyond_it(make_client: ClientFactory, gat
 
 
 async def test_bad_queue_value_is_a_400(client: Client) -> None:
-    answer = await _post(client, "/shop/prod", 400, action="ok", queue="soon")
+    answer = await post_json(client, "/shop/prod", 400, action="ok", queue="soon")
     assert "queue must be true or false" in answer["error"]["message"]
 
 
@@ -86,10 +93,57 @@ async def test_a_shutdown_kills_queued_tasks_too_and_starts_none(
 ) -> None:
     client = await make_client()
     first = await create(client, "gate[r]", app="shop")
-    queued = (await _post(client, "/shop/prod", 200, action="ok", queue=True))["task"]
+    queued = (await post_json(client, "/shop/prod", 200, action="ok", queue=True))["task"]
     await client.close()  # the running one is killed; the queued one never starts
     again = await make_client()
     statuses = [(await (await again.get(f"/task/{task['id']}")).json())["status"] for task in (first, queued)]
     assert statuses == ["killed", "killed"]
     never = await (await again.get(f"/task/{queued['id']}")).json()
     assert (never["startedAt"], never["killedBy"]) == (None, "shutdown")
+
+
+async def test_a_kill_while_the_next_task_starts_starts_nothing_twice(client: Client, gates: Path) -> None:
+    first = await create(client, "gate[s1]", app="shop")
+    second = (await post_json(client, "/shop/prod", 200, action="gate[s2]", queue=True))["task"]
+    third = (await post_json(client, "/shop/prod", 200, action="ok", queue=True))["task"]
+    release(gates, "s1")
+    await finished(client, first["id"])
+    # The second is starting; the third, still queued, is killed meanwhile.
+    assert (await (await client.post(f"/task/{third['id']}/kill")).json())["status"] == "killed"
+    started = await follow(client, second["id"], lambda t: "waiting for s2" in t["output"])
+    release(gates, "s2")
+    done = await finished(client, second["id"])
+    assert done["status"] == "finished" and done["pid"] == started["pid"]
+    assert done["output"].count("waiting for s2") == 1  # one process, started once
+    assert len([p for p in psutil.Process().children(recursive=True) if alive(p.pid)]) == 0
+
+
+async def test_a_queued_task_holds_no_log_file(client: Client, gates: Path, settings: Settings) -> None:
+    first = await create(client, "gate[f]", app="shop")
+    await follow(client, first["id"], lambda t: "waiting for f" in t["output"])
+    queued = [(await post_json(client, "/shop/prod", 200, action="ok", queue=True))["task"] for _ in range(3)]
+    logs = settings.data_dir / "logs"
+    assert (logs / f"{first['id']}.log").exists()
+    assert not any((logs / f"{task['id']}.log").exists() for task in queued)
+    await client.post(f"/task/{queued[0]['id']}/kill")
+    resp = await client.get(f"/task/{queued[0]['id']}/log")  # no output, no file: empty
+    assert (resp.status, await resp.text()) == (200, "")
+    release(gates, "f")
+    for task in queued[1:]:
+        assert (await finished(client, task["id"]))["status"] == "finished"
+        assert "Executed task ok" in (logs / f"{task['id']}.log").read_text()
+
+
+async def test_a_task_that_cannot_be_started_fails_and_frees_its_app(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> NoReturn:
+        raise RuntimeError("an unforeseen failure")  # not a SpawnError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "spawn", broken)
+        failed = await post_json(client, "/shop/prod", 200, action="ok")
+    task = await finished(client, failed["taskId"])
+    assert task["status"] == "failed"
+    assert "could not be started: see the server log" in task["output"]
+    assert (await finished(client, (await create(client, "ok", app="shop"))["id"]))["status"] == "finished"

@@ -18,8 +18,10 @@ from aiohttp import web
 
 from pulsar_rest import runner
 from pulsar_rest.events import EventBus, EventKind
+from pulsar_rest.settings import Settings
 from pulsar_rest.web.app import RUN_BITS
 from pulsar_rest.web.keys import BUS, SERVICE
+from pulsar_rest.web.streams import CHUNK
 from tests.conftest import Client, ClientFactory, create, eventually, finished, follow, release, waiters
 from tests.test_errors import assert_envelope
 
@@ -507,6 +509,36 @@ async def test_task_stream_sends_what_changed_during_a_slow_write(
     release(gates, "s")
     assert (await creating)["id"] == 1
     await finished(client, 1)
+
+
+async def test_task_stream_of_a_task_pruned_meanwhile_says_so_and_ends(
+    make_client: ClientFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(retain_tasks=1)
+    assert client.app is not None
+    service = client.app[SERVICE]
+    big = await finished(client, (await create(client, "lines[200000]"))["id"])
+    assert big["outputSize"] > 2 * CHUNK  # more than one output event
+    log = settings.data_dir / "logs" / f"{big['id']}.log"
+    real_write = web.StreamResponse.write
+    pruned = False
+
+    async def slow_write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
+        nonlocal pruned
+        if bytes(data).startswith(b"event: output") and not pruned:
+            # While the first chunk is on its way, a newer task ends: the big one is pruned.
+            pruned = True
+            newer = await service.create("other", "prod", "ok")
+            await service.wait_ended(newer, READ_DEADLINE)
+            await eventually(lambda: not log.exists(), what="the pruning")
+        await real_write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", slow_write)
+    sse = await open_sse(client, f"/task/{big['id']}/stream")
+    events = await sse.rest()
+    assert [m.event for m in events] == ["state", "output", "gone"]
+    assert events[1].data["offset"] == 0 and events[2].id == len(events[1].data["output"])
+    assert events[2].data["message"] == f"task {big['id']} was removed from the history"
 
 
 # -- GET /websocket ------------------------------------------------------------------------

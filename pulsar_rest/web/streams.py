@@ -93,7 +93,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def task_stream(request: web.Request) -> web.StreamResponse:
     """SSE of one task: `state` events, `output` chunks (id = the next byte offset), and
     `end` once it has ended and all its output was sent."""
-    bus = request.app[BUS]
+    bus, service = request.app[BUS], request.app[SERVICE]
     keepalive = request.app[SETTINGS].keepalive
     task = params.task(request)
     offset = _cursor(request, "offset") or 0
@@ -107,8 +107,13 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             # From inside a character (a client's offset), the text is longer than the bytes read.
             start = offset
             text, offset = await _read_text(task, offset)
-            await response.write(_sse("output", {"offset": start, "output": text}, offset))
-            continue
+            if offset > start:
+                await response.write(_sse("output", {"offset": start, "output": text}, offset))
+                continue
+            if service.find(task.id) is None:  # its log was read while it was pruned
+                message = f"task {task.id} was removed from the history"
+                await response.write(_sse("gone", {"message": message}, offset))
+                break
         if task.state_seq != state_seq:
             state_seq = task.state_seq
             await response.write(_sse("state", summary(task), offset))

@@ -113,15 +113,15 @@ async def get_task(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def get_log(request: web.Request) -> web.FileResponse:
+async def get_log(request: web.Request) -> web.StreamResponse:
     """The whole output as text/plain; HTTP Range reads parts of a large log."""
     task = params.task(request)
+    headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
     if not task.output.path.exists():
+        if task.output.size == 0 and request.app[SERVICE].find(task.id) is not None:
+            return web.Response(headers=headers)  # no output yet: its file comes with the first byte
         raise ApiError(404, f"the output of task {task.id} is gone (pruned from the history)")
-    return web.FileResponse(
-        task.output.path,
-        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"},
-    )
+    return web.FileResponse(task.output.path, headers=headers)
 
 
 async def tasks_created(request: web.Request) -> web.Response:
@@ -301,19 +301,22 @@ async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]
     _merge(fields, request.query, "query string")
     if not request.body_exists:
         return fields, variables
-    if request.content_type == "application/json":
-        try:
-            body = json.loads(await request.text())
-        except ValueError as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object")
-        _merge(fields, body, "JSON body")
-        variables = body.get("taskVariables", {})  # checked by the service
-    elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        _merge(fields, await request.post(), "form body")
-    else:
-        raise ApiError(415, f"unsupported body type {request.content_type!r}: send JSON or a form")
+    try:
+        if request.content_type == "application/json":
+            try:
+                body = json.loads(await request.text())
+            except ValueError as exc:
+                raise ApiError(400, f"invalid JSON body: {exc}") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the JSON body must be an object")
+            _merge(fields, body, "JSON body")
+            variables = body.get("taskVariables", {})  # checked by the service
+        elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            _merge(fields, await request.post(), "form body")
+        else:
+            raise ApiError(415, f"unsupported body type {request.content_type!r}: send JSON or a form")
+    except LookupError:  # Content-Type: ...; charset=bogus
+        raise ApiError(415, f"unknown charset {request.charset!r}: send UTF-8") from None
     return fields, variables
 
 
