@@ -21,7 +21,7 @@ from pulsar_rest import confrepo, pulsar, runner
 from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.names import check_action, check_name
 from pulsar_rest.store import TaskStore
-from pulsar_rest.tasks import Task, TaskStatus, utcnow
+from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +381,8 @@ class TaskService:
         if task.id in self._kill_requested:  # killed while it was being recorded
             await self._end(task, TaskStatus.KILLED, runner.ExitStatus(None, None))
             return
+        if task.status.ended:  # a bug if so: never a process for an ended task
+            raise InvalidTransition(f"task {task.id} ended ({task.status}) before its start")
         try:
             env = {**os.environ, **task.variables} if task.variables else None
             child = await runner.spawn(
@@ -392,7 +394,13 @@ class TaskService:
             status = TaskStatus.KILLED if task.id in self._kill_requested else TaskStatus.FAILED
             await self._end(task, status, runner.ExitStatus(None, None))
             return
-        task.start(child.pid)
+        try:
+            task.start(child.pid)
+        except InvalidTransition:
+            # No process may outlive its task unwatched: stop it before the error goes up.
+            await child.terminate(self._config.kill_grace)
+            child.close()
+            raise
         self._store.save(task)
         self._publish(task, EventKind.CHANGED)
         log.info("task %d running, pid %d", task.id, child.pid)
@@ -402,6 +410,8 @@ class TaskService:
             self._own(child.terminate(self._config.kill_grace))
 
     def _output(self, task: Task, data: bytes) -> None:
+        if task.output.closed:
+            return  # a process being stopped after its task was ended as never started
         task.output.feed(data)  # published once in the file (on_written)
         if task.output.backlog > BACKLOG_HIGH:
             child = self._children.get(task.id)
@@ -461,10 +471,13 @@ class TaskService:
         ended = self._ends.pop(task.id, None)
         if ended is not None:
             ended.set_result(None)
+        # Not one whose kill is under way: it is ending, though still `queued` for a moment.
         waiting = [
             t
             for t in self._tasks.values()
-            if t.status is TaskStatus.QUEUED and (t.app, t.env) == (task.app, task.env)
+            if t.status is TaskStatus.QUEUED
+            and (t.app, t.env) == (task.app, task.env)
+            and t.id not in self._kill_requested
         ]
         if waiting and not self._closing and self._holder(task.app, task.env) is None:
             turn = waiting[0]

@@ -204,10 +204,18 @@ class _Parser(argparse.ArgumentParser):
         # One line, not argparse's usage block: start-up errors are one line everywhere.
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            # Only what looks like a flag's name: a mistyped --auth-pasword must not print the
-            # password after it, even one that starts with "-".
-            names = (arg.split("=")[0] for arg in message[len(prefix) :].split())
-            flags = [name for name in names if re.fullmatch(r"--[a-z][a-z-]*", name)]
+            # Only the flags' names: a mistyped --auth-pasword must not print the password
+            # after it, whatever it looks like, so what follows a flag without "=" is skipped.
+            flags: list[str] = []
+            value_next = False
+            for arg in message[len(prefix) :].split():
+                if value_next:
+                    value_next = False
+                    continue
+                name = arg.split("=")[0]
+                if re.fullmatch(r"--[a-z][a-z-]*", name):
+                    flags.append(name)
+                value_next = arg.startswith("-") and "=" not in arg
             message = prefix + (" ".join(flags) or "(values without a flag)")
         raise SettingsError(f"{message} (see --help)")
 

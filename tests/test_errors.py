@@ -30,7 +30,11 @@ def assert_envelope(body: dict[str, Any], status: int) -> None:
     assert body["error"]["traceback"] is None
 
 
-JSON, FORM = "application/json", "application/x-www-form-urlencoded"
+JSON, FORM, MULTIPART = "application/json", "application/x-www-form-urlencoded", "multipart/form-data"
+BOGUS_PART = (
+    '--xx\r\nContent-Disposition: form-data; name="action"\r\n'
+    "Content-Type: text/plain; charset=bogus\r\n\r\nok\r\n--xx--\r\n"
+)
 
 # (method, path, keyword arguments of the request, expected status, words in the message)
 CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
@@ -71,9 +75,21 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/sh%2Fop/prod", {"json": {"action": "deploy"}}, 400, "invalid app name"),
     ("GET", "/tasks/created?timeout=x", {}, 400, "timeout"),
     ("POST", "/shop/prod", {"data": '{"action":"ok"}', "headers": {"Content-Type": f"{JSON}; charset=bogus"}},
-     415, "unknown charset 'bogus'"),
+     415, "unknown encoding: bogus"),
     ("POST", "/shop/prod", {"data": "action=ok", "headers": {"Content-Type": f"{FORM}; charset=bogus"}},
-     415, "unknown charset 'bogus'"),
+     415, "unknown encoding: bogus"),
+    ("POST", "/shop/prod", {"data": BOGUS_PART, "headers": {"Content-Type": f"{MULTIPART}; boundary=xx"}},
+     415, "unknown encoding: bogus"),
+    ("POST", "/shop/prod", {"data": b"action=\xff\xfe", "headers": {"Content-Type": FORM}},
+     400, "invalid form body"),
+    ("POST", "/shop/prod", {"data": "action=ok", "headers": {"Content-Type": f"{FORM}; charset=utf-16"}},
+     400, "invalid form body"),
+    ("POST", "/shop/prod", {"data": "garbage", "headers": {"Content-Type": MULTIPART}},
+     400, "invalid form body"),
+    ("POST", "/shop/prod", {"data": "[" * 60000, "headers": {"Content-Type": JSON}},
+     400, "nested too deeply"),
+    ("GET", "/task/" + "1" * 5000, {}, 404, "no task with id '111"),
+    ("POST", "/task/" + "1" * 5000 + "/kill", {}, 404, "no task with id '111"),
     # JSON may escape a lone surrogate; no environment variable can hold it.
     ("POST", "/shop/prod", {"data": '{"action": "ok", "taskVariables": {"A": "\\ud800"}}',
      "headers": {"Content-Type": "application/json"}}, 400, "A is not valid Unicode text"),

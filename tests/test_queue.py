@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -9,14 +11,18 @@ import psutil
 import pytest
 
 from pulsar_rest import runner
+from pulsar_rest.output import OutputLog
 from pulsar_rest.settings import Settings
+from pulsar_rest.web.keys import SERVICE
 from tests.conftest import (
     Client,
     ClientFactory,
     alive,
     create,
+    eventually,
     finished,
     follow,
+    get_json,
     post_json,
     release,
 )
@@ -147,3 +153,37 @@ async def test_a_task_that_cannot_be_started_fails_and_frees_its_app(
     assert task["status"] == "failed"
     assert "could not be started: see the server log" in task["output"]
     assert (await finished(client, (await create(client, "ok", app="shop"))["id"]))["status"] == "finished"
+
+
+async def test_a_queued_task_killed_as_the_one_before_ends_never_starts(
+    client: Client, gates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert client.app is not None
+    service = client.app[SERVICE]
+    first = await create(client, "gate[h]", app="shop")
+    await follow(client, first["id"], lambda t: "waiting for h" in t["output"])
+    doomed = (await post_json(client, "/shop/prod", action="gate[never]", queue=True))["task"]
+    after = (await post_json(client, "/shop/prod", action="ok", queue=True))["task"]
+    # A slow disk: the log writer's one thread is held, so both ends below wait on it, and
+    # the first task ends while the kill of the next one is under way.
+    disk = threading.Event()
+    closing: list[OutputLog] = []
+    real_close = OutputLog.close
+
+    async def held_close(self: OutputLog) -> int:
+        closing.append(self)
+        await asyncio.to_thread(disk.wait)
+        return await real_close(self)
+
+    monkeypatch.setattr(OutputLog, "close", held_close)
+    holder, killed = service.get(first["id"]), service.get(doomed["id"])
+    release(gates, "h")
+    await eventually(lambda: holder.output in closing, what="the first task to be ending")
+    kill = asyncio.ensure_future(client.post(f"/task/{doomed['id']}/kill"))
+    await eventually(lambda: killed.output in closing, what="the kill to be under way")
+    disk.set()
+    assert (await (await kill).json())["status"] == "killed"
+    assert (await finished(client, after["id"]))["status"] == "finished"
+    never = await get_json(client, f"/task/{doomed['id']}")
+    assert (never["status"], never["pid"], never["outputSize"]) == ("killed", None, 0)
+    await eventually(lambda: not any(alive(p.pid) for p in psutil.Process().children(recursive=True)))

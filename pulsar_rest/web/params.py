@@ -11,7 +11,7 @@ from pulsar_rest.web.keys import SERVICE, SETTINGS
 
 def task_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isascii() or not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise ApiError(404, f"no task with id {raw[:40]!r}")
     return int(raw)
 

@@ -305,18 +305,24 @@ async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]
         if request.content_type == "application/json":
             try:
                 body = json.loads(await request.text())
-            except ValueError as exc:
+            except RecursionError:
+                raise ApiError(400, "invalid JSON body: nested too deeply") from None
+            except ValueError as exc:  # UnicodeDecodeError too
                 raise ApiError(400, f"invalid JSON body: {exc}") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the JSON body must be an object")
             _merge(fields, body, "JSON body")
             variables = body.get("taskVariables", {})  # checked by the service
         elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            _merge(fields, await request.post(), "form body")
+            try:
+                form = await request.post()
+            except ValueError as exc:  # undecodable text, a multipart body without boundary
+                raise ApiError(400, f"invalid form body: {exc}") from None
+            _merge(fields, form, "form body")
         else:
             raise ApiError(415, f"unsupported body type {request.content_type!r}: send JSON or a form")
-    except LookupError:  # Content-Type: ...; charset=bogus
-        raise ApiError(415, f"unknown charset {request.charset!r}: send UTF-8") from None
+    except LookupError as exc:  # Content-Type: ...; charset=bogus (of the body or of a part)
+        raise ApiError(415, f"{exc}: send UTF-8") from None
     return fields, variables
 
 
