@@ -1,5 +1,6 @@
 """Child processes: spawned without a shell in a session of their own, stdout and stderr
-merged at the pipe, and stopped as a whole tree. Knows nothing of tasks or HTTP."""
+merged at the pipe (or read apart, when stdout is wanted on its own), and stopped as a whole
+tree. Knows nothing of tasks or HTTP."""
 
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ class _Output(asyncio.Protocol):
         self._on_output = on_output
         self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    def itself(self) -> _Output:
+        """The protocol factory of its pipe: the protocol exists before its pipe does."""
+        return self
+
     def data_received(self, data: bytes) -> None:
         self._on_output(data)
 
@@ -82,14 +87,12 @@ class ChildProcess:
         self,
         process: asyncio.SubprocessTransport,
         exit_protocol: _Exit,
-        pipe: asyncio.ReadTransport,
-        output: _Output,
+        pipes: list[tuple[asyncio.ReadTransport, _Output]],
         marker: str,
     ) -> None:
         self._process = process
         self._exit = exit_protocol
-        self._pipe = pipe
-        self._output = output
+        self._pipes = pipes
         self._marker = marker
         self.pid: int = process.get_pid()
         # start_new_session makes the child the leader of its own group.
@@ -102,26 +105,29 @@ class ChildProcess:
         return ExitStatus.from_returncode(returncode)
 
     async def wait_drained(self, timeout: float) -> bool:
-        """Wait until the output pipe is at its end; False if it is still open at `timeout`."""
+        """Wait until the output pipes are at their end; False if one is still open at `timeout`."""
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(self._output.drained)
+                await asyncio.shield(asyncio.gather(*(output.drained for _, output in self._pipes)))
         except TimeoutError:
             return False
         return True
 
     def close(self) -> None:
-        self._pipe.close()
+        for pipe, _ in self._pipes:
+            pipe.close()
         self._process.close()
 
     def pause_output(self) -> None:
-        """Stop reading the output pipe: the child blocks once the pipe is full."""
-        if not self._pipe.is_closing():
-            self._pipe.pause_reading()
+        """Stop reading the output pipes: the child blocks once a pipe is full."""
+        for pipe, _ in self._pipes:
+            if not pipe.is_closing():
+                pipe.pause_reading()
 
     def resume_output(self) -> None:
-        if not self._pipe.is_closing():
-            self._pipe.resume_reading()
+        for pipe, _ in self._pipes:
+            if not pipe.is_closing():
+                pipe.resume_reading()
 
     async def terminate(self, grace: float) -> None:
         """Stop the whole tree: SIGTERM, then SIGKILL to whatever is left after `grace`.
@@ -209,41 +215,75 @@ def _has_marker(proc: psutil.Process, marker: str) -> bool:
         return False
 
 
+def _pipe() -> tuple[int, int]:
+    # Our own pipe, so its size is set before the child writes a byte.
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    return read_fd, write_fd
+
+
 async def spawn(
     argv: Sequence[str],
     on_output: Callable[[bytes], None],
     *,
+    on_stdout: Callable[[bytes], None] | None = None,
     marker: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
 ) -> ChildProcess:
     """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes.
-    `marker` (random if not given) marks the child and its descendants: see kill_marked."""
+
+    Without `on_stdout`, both go into one pipe: merged there, in the order they were
+    written. With it, they are read from two pipes: `on_stdout` receives stdout alone (before
+    `on_output` receives the same bytes), and the merged order is the order of arrival, which
+    a burst on both can reorder. `marker` (random if not given) marks the child and its
+    descendants: see kill_marked."""
     loop = asyncio.get_running_loop()
     marker = marker or secrets.token_hex(8)
     child_env = dict(os.environ if env is None else env)
     child_env[MARKER_VAR] = marker
-    # Our own pipe, so its size is set before the child writes a byte. Both stdout and
-    # stderr go into it: merged at the pipe, their order is kept.
-    read_fd, write_fd = os.pipe()
-    with contextlib.suppress(OSError):  # not Linux, or above /proc/sys/fs/pipe-max-size
-        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
-    exit_protocol, output = _Exit(), _Output(on_output)
+    readers: list[tuple[int, _Output]] = []
+    writers: list[int] = []
     try:
+        out_read, out_write = _pipe()
+        writers.append(out_write)
+        if on_stdout is None:
+            readers.append((out_read, _Output(on_output)))
+            stderr: int = asyncio.subprocess.STDOUT
+        else:
+            readers.append((out_read, _Output(_both(on_stdout, on_output))))
+            err_read, stderr = _pipe()
+            writers.append(stderr)
+            readers.append((err_read, _Output(on_output)))
+        exit_protocol = _Exit()
         process, _ = await loop.subprocess_exec(
             lambda: exit_protocol,
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=write_fd,
-            stderr=asyncio.subprocess.STDOUT,
+            stdout=out_write,
+            stderr=stderr,
             start_new_session=True,
             env=child_env,
             cwd=cwd,
         )
     except OSError as exc:
-        os.close(read_fd)
+        for read_fd, _ in readers:
+            os.close(read_fd)
         raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
     finally:
-        os.close(write_fd)  # the child holds its copy: EOF comes when the tree closes it
-    pipe, _ = await loop.connect_read_pipe(lambda: output, os.fdopen(read_fd, "rb", buffering=0))
-    return ChildProcess(process, exit_protocol, pipe, output, marker)
+        for write_fd in writers:
+            os.close(write_fd)  # the child holds its copy: EOF comes when the tree closes it
+    pipes: list[tuple[asyncio.ReadTransport, _Output]] = []
+    for read_fd, output in readers:
+        pipe, _ = await loop.connect_read_pipe(output.itself, os.fdopen(read_fd, "rb", buffering=0))
+        pipes.append((pipe, output))
+    return ChildProcess(process, exit_protocol, pipes, marker)
+
+
+def _both(first: Callable[[bytes], None], then: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    def feed(data: bytes) -> None:
+        first(data)
+        then(data)
+
+    return feed

@@ -20,6 +20,7 @@ from typing import Any
 from pulsar_rest import confrepo, pulsar, runner
 from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.names import check_action, check_name
+from pulsar_rest.output import OutputLog
 from pulsar_rest.store import TaskStore
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus, utcnow
 
@@ -112,6 +113,11 @@ def check_variables(variables: object) -> dict[str, str]:
     return dict(variables)
 
 
+def _feed(log: OutputLog, data: bytes) -> None:
+    if not log.closed:  # see _output
+        log.feed(data)
+
+
 # How often old history is pruned by age (by count, it is after each task's end).
 PRUNE_EVERY = 3600.0
 
@@ -191,10 +197,12 @@ class TaskService:
         by: str | None = None,
         queue: bool = False,
         variables: dict[str, str] | None = None,
+        stdout: bool = False,
     ) -> Task:
         """Record a task and start its process, or queue it behind the running deploy of the
-        same app and environment when `queue` (else that is a DeployBusy). Once recorded, the
-        start goes on even if the caller is cancelled: a task is never left half-made."""
+        same app and environment when `queue` (else that is a DeployBusy). With `stdout`, its
+        stdout is also kept on its own. Once recorded, the start goes on even if the caller is
+        cancelled: a task is never left half-made."""
         if self._closing:
             raise ShuttingDown()
         check_name("app", app)
@@ -226,6 +234,7 @@ class TaskService:
             created_by=by,
             marker=secrets.token_hex(8),
             variables=variables,
+            stdout=self._store.new_output(task_id, stdout=True) if stdout else None,
         )
         task.output.on_written = lambda count: self._publish(task, EventKind.OUTPUT)
         self._tasks[task.id] = task
@@ -385,8 +394,13 @@ class TaskService:
             raise InvalidTransition(f"task {task.id} ended ({task.status}) before its start")
         try:
             env = {**os.environ, **task.variables} if task.variables else None
+            captured = task.stdout
             child = await runner.spawn(
-                argv, lambda data: self._output(task, data), marker=task.marker, env=env
+                argv,
+                lambda data: self._output(task, data),
+                on_stdout=None if captured is None else (lambda data: _feed(captured, data)),
+                marker=task.marker,
+                env=env,
             )
         except runner.SpawnError as exc:
             log.warning("task %d: %s", task.id, exc)
@@ -457,6 +471,8 @@ class TaskService:
     async def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
         # The log is complete on disk, and the run directory gone, before the task is said to
         # have ended.
+        if task.stdout is not None:
+            await task.stdout.close()
         await task.output.close()
         if self._config.run_root is not None:
             # The runner removes it itself, unless it was killed with SIGKILL.

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,14 +51,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_seq INTEGER NOT NULL,
     state_seq INTEGER NOT NULL,
     output_size INTEGER NOT NULL DEFAULT 0,
-    conf_commit TEXT
+    conf_commit TEXT,
+    stdout INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
 """
 
 _COLUMNS = (
     "id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code, "
-    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit"
+    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit, stdout"
 )
 # Built from the constant above only: no value ever goes into the text of a statement.
 _SELECT_ALL = f"SELECT {_COLUMNS} FROM tasks ORDER BY id"  # noqa: S608
@@ -84,8 +85,8 @@ class TaskStore(Protocol):
     def next_id(self) -> int:
         """A task id never handed out before, even by an earlier run."""
 
-    def new_output(self, task_id: int) -> OutputLog:
-        """The (empty) output log of a new task."""
+    def new_output(self, task_id: int, stdout: bool = False) -> OutputLog:
+        """The (empty) output log of a new task, or its stdout alone."""
 
     async def add(self, task: Task) -> None:
         """Record a new task; it is on disk when this returns."""
@@ -153,6 +154,8 @@ class SqliteStore:
             raise sqlite3.DatabaseError(f"schema {version} is newer than this pulsar-rest knows")
         if version < 2:
             db.execute("ALTER TABLE tasks ADD COLUMN conf_commit TEXT")
+        if version < 3:
+            db.execute("ALTER TABLE tasks ADD COLUMN stdout INTEGER NOT NULL DEFAULT 0")
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
         rows = db.execute(_SELECT_ALL).fetchall()
@@ -166,8 +169,9 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     def _task(self, row: tuple[Any, ...]) -> Task:
-        (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code,
-         signal, created_by, killed_by, marker, created_seq, state_seq, _, conf_commit) = row  # fmt: skip
+        (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid,
+         exit_code, signal, created_by, killed_by, marker, created_seq, state_seq, _, conf_commit,
+         stdout) = row  # fmt: skip
         return Task(
             id=task_id,
             app=app,
@@ -177,6 +181,7 @@ class SqliteStore:
             # The log file, not the last size recorded, says how much output there is: it
             # is written before the database hears of it.
             output=OutputLog(self._log_path(task_id), None),
+            stdout=OutputLog(self._log_path(task_id, stdout=True), None) if stdout else None,
             created_at=datetime.fromisoformat(created_at),
             status=TaskStatus(status),
             started_at=_time(started_at),
@@ -198,11 +203,11 @@ class SqliteStore:
         self._last_id += 1
         return self._last_id
 
-    def _log_path(self, task_id: int) -> Path:
-        return self._logs / f"{task_id}.log"
+    def _log_path(self, task_id: int, stdout: bool = False) -> Path:
+        return self._logs / (f"{task_id}.stdout.log" if stdout else f"{task_id}.log")
 
-    def new_output(self, task_id: int) -> OutputLog:
-        return OutputLog(self._log_path(task_id), self._writer)
+    def new_output(self, task_id: int, stdout: bool = False) -> OutputLog:
+        return OutputLog(self._log_path(task_id, stdout), self._writer)
 
     @staticmethod
     def _row(task: Task) -> tuple[Any, ...]:
@@ -211,6 +216,7 @@ class SqliteStore:
             _iso(task.created_at), _iso(task.started_at), _iso(task.finished_at), task.pid,
             task.exit_code, task.signal, task.created_by, task.killed_by, task.marker,
             task.created_seq, task.state_seq, task.output.size, task.conf_commit,
+            int(task.stdout is not None),
         )  # fmt: skip
 
     def _upsert(self, row: tuple[Any, ...]) -> None:
@@ -230,6 +236,8 @@ class SqliteStore:
         await self._call(self._delete, [task.id for task in doomed])
         for task in doomed:
             task.output.path.unlink(missing_ok=True)
+            if task.stdout is not None:
+                task.stdout.path.unlink(missing_ok=True)
 
     def _delete(self, ids: list[int]) -> None:
         assert self._db is not None

@@ -75,6 +75,9 @@ class Task:
     conf_commit: str | None = None
     # The runner's mark on its processes, to find them again after a crash.
     marker: str | None = None
+    # Its stdout alone, when asked for at its creation (for a client that parses it; the
+    # merged output is then in order of arrival); None otherwise.
+    stdout: OutputLog | None = None
     # Environment variables for the task (taskVariables). Only their names are shown and
     # none is recorded in the history: values may be secrets.
     variables: dict[str, str] = field(default_factory=dict, repr=False)
@@ -83,10 +86,11 @@ class Task:
     state_seq: int = 0
 
     @property
-    def version(self) -> tuple[int, int, str | None]:
+    def version(self) -> tuple[int, int, int, str | None]:
         """Changes whenever anything shown of the task changes: its status, its output, or
         who asked for its kill (recorded before its status changes)."""
-        return self.state_seq, self.output.size, self.killed_by
+        stdout = -1 if self.stdout is None else self.stdout.size
+        return self.state_seq, self.output.size, stdout, self.killed_by
 
     def take_turn(self) -> None:
         """A queued task's turn has come: it holds its app and environment from now on."""

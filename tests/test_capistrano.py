@@ -136,8 +136,9 @@ async def cap_client(make_client: ClientFactory, tmp_path: Path) -> Client:
     return await make_client(pulsar_bin=str(tmp_path / "no-pulsar-here"), config_repo=str(DEMO), kill_grace=2)
 
 
-async def _run(client: Client, action: str, **variables: str) -> dict[str, Any]:
-    resp = await client.post("/example/production", json={"action": action, "taskVariables": variables})
+async def _run(client: Client, action: str, stdout: bool = False, **variables: str) -> dict[str, Any]:
+    body = {"action": action, "taskVariables": variables, "stdout": stdout}
+    resp = await client.post("/example/production", json=body)
     assert resp.status == 200, await resp.text()
     task: dict[str, Any] = (await resp.json())["task"]
     return task
@@ -203,9 +204,13 @@ async def test_cap_deploys_a_local_repository(
 ) -> None:
     repo, head = local_repo
     root = tmp_path / "deployed"
-    task = await _run(cap_client, "deploy", DEMO_REPO=str(repo), DEMO_DEPLOY_ROOT=str(root))
+    task = await _run(cap_client, "deploy", stdout=True, DEMO_REPO=str(repo), DEMO_DEPLOY_ROOT=str(root))
     done = await finished(cap_client, task["id"])
     assert done["status"] == "finished", done["output"]
+    # What a chat bot parses for the deployed revision, in cap's stdout kept apart.
+    stdout = await (await cap_client.get(f"/task/{task['id']}/stdout")).text()
+    assert f'echo "{head}" > REVISION' in stdout
+    assert stdout.rstrip().endswith("Deployed example on production!")
     assert done["output"].rstrip().endswith("Deployed example on production!")
     current = root / "example" / "production" / "current"
     assert (current / "index.html").read_text() == "hello\n"

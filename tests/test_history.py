@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -169,6 +170,46 @@ async def test_shutdown_kills_what_outlives_the_grace(make_client: ClientFactory
     again = await make_client()
     stopped = await get_json(again, f"/task/{task['id']}")
     assert (stopped["status"], stopped["signal"], stopped["killedBy"]) == ("killed", "SIGKILL", "shutdown")
+
+
+# The database of an earlier version (schema 2, before stdout could be kept apart), as it
+# was written then: a newer server opens it and keeps its history.
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT NOT NULL, env TEXT NOT NULL,
+    action TEXT NOT NULL, command TEXT NOT NULL, status TEXT NOT NULL, created_at TEXT NOT NULL,
+    started_at TEXT, finished_at TEXT, pid INTEGER, exit_code INTEGER, signal TEXT,
+    created_by TEXT, killed_by TEXT, marker TEXT, created_seq INTEGER NOT NULL,
+    state_seq INTEGER NOT NULL, output_size INTEGER NOT NULL DEFAULT 0, conf_commit TEXT
+);
+INSERT INTO meta VALUES ('schema', '2'), ('run', '4');
+INSERT INTO tasks VALUES (7, 'shop', 'prod', 'deploy', '["pulsar"]', 'finished',
+    '2026-11-01T10:00:00+00:00', '2026-11-01T10:00:01+00:00', '2026-11-01T10:00:09+00:00',
+    4242, 0, NULL, '10.0.0.1', NULL, 'abc', 3, 5, 12, 'c0ffee');
+"""
+
+
+async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(SCHEMA_2)
+    db.close()
+    store = SqliteStore(tmp_path)
+    history = await store.open()
+    try:
+        (task,) = history.tasks
+        assert (task.id, task.app, task.status, task.conf_commit, task.stdout) == (
+            7, "shop", "finished", "c0ffee", None,
+        )  # fmt: skip
+        assert history.run == 5 and store.next_id() == 8
+    finally:
+        await store.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    try:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert db.execute("SELECT stdout FROM tasks WHERE id = 7").fetchone() == (0,)
+    finally:
+        db.close()
 
 
 async def test_a_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ def summary(task: Task) -> dict[str, Any]:
         "confCommit": task.conf_commit,
         "taskVariables": sorted(task.variables),  # names only: values may be secrets
         "outputSize": task.output.size,
+        "stdoutSize": None if task.stdout is None else task.stdout.size,  # None: not kept apart
     }
 
 
@@ -55,7 +56,7 @@ class AnswerCache:
     """JSON bodies of `{"changed": true, "task": ...}` and of the task itself, per version."""
 
     def __init__(self) -> None:
-        self._bodies: dict[tuple[int, tuple[int, int, str | None], bool], bytes] = {}
+        self._bodies: dict[tuple[int, tuple[int, int, int, str | None], bool], bytes] = {}
 
     async def body(self, task: Task, changed: bool) -> bytes:
         key = (task.id, task.version, changed)

@@ -19,6 +19,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/websocket", streams.websocket)
     app.router.add_get(TASK, views.get_task)
     app.router.add_get(TASK + "/log", views.get_log)
+    app.router.add_get(TASK + "/stdout", views.get_stdout)
     app.router.add_get(TASK + "/stream", streams.task_stream)
     app.router.add_get(TASK + "/output", views.task_output)
     app.router.add_get(TASK + "/state", views.task_state)

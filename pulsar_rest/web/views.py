@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
-from pulsar_rest.output import complete_chars
+from pulsar_rest.output import OutputLog, complete_chars
 from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web import params
 from pulsar_rest.web.errors import VERSION, ApiError
@@ -116,12 +116,24 @@ async def get_task(request: web.Request) -> web.Response:
 async def get_log(request: web.Request) -> web.StreamResponse:
     """The whole output as text/plain; HTTP Range reads parts of a large log."""
     task = params.task(request)
+    return _log_file(request, task, task.output)
+
+
+async def get_stdout(request: web.Request) -> web.StreamResponse:
+    """The task's stdout alone, when it was asked for at its creation (`stdout=true`)."""
+    task = params.task(request)
+    if task.stdout is None:
+        raise ApiError(404, f"task {task.id} has no stdout of its own: create a task with stdout=true")
+    return _log_file(request, task, task.stdout)
+
+
+def _log_file(request: web.Request, task: Task, log: OutputLog) -> web.StreamResponse:
     headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
-    if not task.output.path.exists():
-        if task.output.size == 0 and request.app[SERVICE].find(task.id) is not None:
-            return web.Response(headers=headers)  # no output yet: its file comes with the first byte
+    if not log.path.exists():
+        if log.size == 0 and request.app[SERVICE].find(task.id) is not None:
+            return web.Response(headers=headers)  # nothing yet: the file comes with the first byte
         raise ApiError(404, f"the output of task {task.id} is gone (pruned from the history)")
-    return web.FileResponse(task.output.path, headers=headers)
+    return web.FileResponse(log.path, headers=headers)
 
 
 async def tasks_created(request: web.Request) -> web.Response:
@@ -258,16 +270,14 @@ async def create_task(request: web.Request) -> web.Response:
         raise ApiError(400, "missing task name: send it as 'action' (or 'task')")
     if len(names) > 1:
         raise ApiError(400, "'action' and 'task' name different tasks: send one")
-    queue = fields.get("queue", "false").lower()
-    if queue not in ("true", "false", "1", "0"):
-        raise ApiError(400, f"queue must be true or false, not {queue[:40]!r}")
     task = await request.app[SERVICE].create(
         request.match_info["app"],
         request.match_info["env"],
         names.pop(),
         by=_who(request),
-        queue=queue in ("true", "1"),
+        queue=_flag(fields, "queue"),
         variables=variables,
+        stdout=_flag(fields, "stdout"),
     )
     location = params.url(request, f"/task/{task.id}")
     data = await request.app[ANSWERS].body(task, changed=False)
@@ -326,11 +336,18 @@ async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]
     return fields, variables
 
 
+def _flag(fields: dict[str, str], name: str) -> bool:
+    value = fields.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"{name} must be true or false, not {value[:40]!r}")
+    return value in ("true", "1")
+
+
 def _merge(fields: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
-    for key in ("action", "task", "queue"):
+    for key in ("action", "task", "queue", "stdout"):
         if key in source:
             value = source[key]
-            if key == "queue" and isinstance(value, bool):
+            if key in ("queue", "stdout") and isinstance(value, bool):
                 value = str(value).lower()  # JSON true/false
             if not isinstance(value, str):
                 raise ApiError(400, f"{key!r} in the {where} must be a string")
