@@ -21,7 +21,11 @@ def task(request: web.Request) -> Task:
 
 
 def url(request: web.Request, path: str) -> str:
-    return str(request.url.with_path(path).with_query(None))
+    """The absolute URL of `path` on this server, as the client named it (its Host header)."""
+    try:
+        return str(request.url.with_path(path).with_query(None))
+    except (ValueError, UnicodeError):  # a port out of range, a name IDNA cannot encode
+        raise ApiError(400, f"invalid Host header {request.host[:80]!r}") from None
 
 
 def int_param(request: web.Request, name: str, default: int | None = None) -> int | None:

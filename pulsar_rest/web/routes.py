@@ -15,12 +15,13 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/apps", views.list_apps)
     app.router.add_get("/tasks", views.list_tasks)
     app.router.add_get("/tasks/created", views.tasks_created)
-    app.router.add_get("/events", streams.events)
-    app.router.add_get("/websocket", streams.websocket)
+    # Streams have no HEAD: their answer is the body, which HEAD must not send.
+    app.router.add_get("/events", streams.events, allow_head=False)
+    app.router.add_get("/websocket", streams.websocket, allow_head=False)
     app.router.add_get(TASK, views.get_task)
     app.router.add_get(TASK + "/log", views.get_log)
     app.router.add_get(TASK + "/stdout", views.get_stdout)
-    app.router.add_get(TASK + "/stream", streams.task_stream)
+    app.router.add_get(TASK + "/stream", streams.task_stream, allow_head=False)
     app.router.add_get(TASK + "/output", views.task_output)
     app.router.add_get(TASK + "/state", views.task_state)
     app.router.add_get(TASK + "/kill", views.kill_task)  # the documented form

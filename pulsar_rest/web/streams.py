@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -68,12 +69,19 @@ def _change(service: TaskService, event: Event) -> dict[str, Any]:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """SSE of every task created and changed (`task.create`, `task.change`), ids = cursors."""
-    bus, service = request.app[BUS], request.app[SERVICE]
-    keepalive = request.app[SETTINGS].keepalive
+    bus = request.app[BUS]
     cursor = _cursor(request, "since")
     response = await _open_sse(request)
     if cursor is None:
         cursor = bus.seq
+    with _client_may_leave():
+        await _send_events(response, request, cursor)
+    return response
+
+
+async def _send_events(response: web.StreamResponse, request: web.Request, cursor: int) -> None:
+    bus, service = request.app[BUS], request.app[SERVICE]
+    keepalive = request.app[SETTINGS].keepalive
     while not bus.closed:
         try:
             pending = bus.since(cursor)
@@ -87,7 +95,6 @@ async def events(request: web.Request) -> web.StreamResponse:
             cursor = event.seq
         if not pending and await bus.wait(changes_topic(), keepalive) is None and not bus.closed:
             await response.write(b": keep-alive\n\n")
-    return response
 
 
 async def task_stream(request: web.Request) -> web.StreamResponse:
@@ -100,6 +107,19 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     if offset > task.output.size:
         raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
     response = await _open_sse(request)
+    with _client_may_leave():
+        await _send_task(response, bus, service, task, offset, keepalive)
+    return response
+
+
+async def _send_task(
+    response: web.StreamResponse,
+    bus: EventBus,
+    service: TaskService,
+    task: Task,
+    offset: int,
+    keepalive: float,
+) -> None:
     state_seq = task.state_seq  # of the summary sent now
     await response.write(_sse("state", summary(task), offset))
     while True:
@@ -125,7 +145,13 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
             break
         if await bus.wait(task_topic(task.id), keepalive) is None and not bus.closed:
             await response.write(b": keep-alive\n\n")
-    return response
+
+
+@contextlib.contextmanager
+def _client_may_leave() -> Iterator[None]:
+    # A client that goes away while an event is being written ends its stream: no error.
+    with contextlib.suppress(ConnectionResetError):
+        yield
 
 
 async def _read_text(task: Task, offset: int) -> tuple[str, int]:
@@ -147,36 +173,50 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     offsets = {task.id: task.output.size for task in service.tasks() if not task.status.ended}
     reader = asyncio.ensure_future(_drain(ws))
     try:
-        while not ws.closed and not reader.done() and not bus.closed:
-            seen = bus.published  # what was checked, below, before waiting for news
-            try:
-                pending = bus.since(cursor)
-            except CursorGone as exc:
-                await ws.send_json({"event": "reset", "message": str(exc), "seq": bus.seq})
-                cursor = bus.seq
-                continue
-            for event in pending:
-                task = service.find(event.task_id)
-                if task is not None and event.task_id in offsets:
-                    # A task's output comes before its change, so its end follows its last byte.
-                    await _send_task_output(ws, task, offsets)
-                await ws.send_json(_change(service, event))
-                cursor = event.seq
-                if event.kind.value == "task.create":
-                    offsets.setdefault(event.task_id, 0)
-            sent = await _send_output(ws, service, offsets)
-            if not pending and not sent:
-                waiting = asyncio.ensure_future(_news(bus, seen))
-                try:
-                    await asyncio.wait([waiting, reader], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiting.cancel()  # also when the handler is cancelled (client gone)
+        with _client_may_leave():
+            await _send_all(ws, bus, service, cursor, offsets, reader)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         await ws.close()
     return ws
+
+
+async def _send_all(
+    ws: web.WebSocketResponse,
+    bus: EventBus,
+    service: TaskService,
+    cursor: int,
+    offsets: dict[int, int],
+    reader: asyncio.Future[None],
+) -> None:
+    """Send the events after `cursor`, with the output deltas, until the client (`reader`)
+    or the bus closes."""
+    while not ws.closed and not reader.done() and not bus.closed:
+        seen = bus.published  # what was checked, below, before waiting for news
+        try:
+            pending = bus.since(cursor)
+        except CursorGone as exc:
+            await ws.send_json({"event": "reset", "message": str(exc), "seq": bus.seq})
+            cursor = bus.seq
+            continue
+        for event in pending:
+            task = service.find(event.task_id)
+            if task is not None and event.task_id in offsets:
+                # A task's output comes before its change, so its end follows its last byte.
+                await _send_task_output(ws, task, offsets)
+            await ws.send_json(_change(service, event))
+            cursor = event.seq
+            if event.kind.value == "task.create":
+                offsets.setdefault(event.task_id, 0)
+        sent = await _send_output(ws, service, offsets)
+        if not pending and not sent:
+            waiting = asyncio.ensure_future(_news(bus, seen))
+            try:
+                await asyncio.wait([waiting, reader], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()  # also when the handler is cancelled (client gone)
 
 
 async def _news(bus: EventBus, seen: int) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiMapping
 
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
@@ -22,6 +24,8 @@ from pulsar_rest.web import params
 from pulsar_rest.web.errors import VERSION, ApiError
 from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
 from pulsar_rest.web.present import summary
+
+T = TypeVar("T")
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 
@@ -264,6 +268,7 @@ async def kill_task(request: web.Request) -> web.Response:
 async def create_task(request: web.Request) -> web.Response:
     """POST /:app/:env with the task name as `action` (or `task`) in the body or query."""
     _refuse_route_clash(request)
+    tasks_url = params.url(request, "/task/")  # a bad Host header is a 400 before any task
     fields, variables = await _fields(request)
     names = {fields[key] for key in ("action", "task") if key in fields}
     if not names:
@@ -279,7 +284,7 @@ async def create_task(request: web.Request) -> web.Response:
         variables=variables,
         stdout=_flag(fields, "stdout"),
     )
-    location = params.url(request, f"/task/{task.id}")
+    location = f"{tasks_url}{task.id}"
     data = await request.app[ANSWERS].body(task, changed=False)
     body = b'{"taskId": %d, "url": %s, "task": %s}' % (task.id, json.dumps(location).encode(), data)
     return web.Response(body=body, content_type="application/json", headers={"Location": location})
@@ -314,7 +319,7 @@ async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]
     try:
         if request.content_type == "application/json":
             try:
-                body = json.loads(await request.text())
+                body = json.loads(await _read(request.text()))
             except RecursionError:
                 raise ApiError(400, "invalid JSON body: nested too deeply") from None
             except ValueError as exc:  # UnicodeDecodeError too
@@ -325,8 +330,10 @@ async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]
             variables = body.get("taskVariables", {})  # checked by the service
         elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             try:
-                form = await request.post()
+                form = await _read(request.post())
             except ValueError as exc:  # undecodable text, a multipart body without boundary
+                raise ApiError(400, f"invalid form body: {exc}") from None
+            except RuntimeError as exc:  # a multipart part in an unknown transfer encoding
                 raise ApiError(400, f"invalid form body: {exc}") from None
             _merge(fields, form, "form body")
         else:
@@ -341,6 +348,16 @@ def _flag(fields: dict[str, str], name: str) -> bool:
     if value not in ("true", "false", "1", "0"):
         raise ApiError(400, f"{name} must be true or false, not {value[:40]!r}")
     return value in ("true", "1")
+
+
+async def _read(body: Awaitable[T]) -> T:
+    """The body as read by aiohttp; what cannot be read (an undecodable Content-Encoding, a
+    malformed multipart part header) is the client's error."""
+    try:
+        return await body
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        detail = getattr(exc, "message", None) or str(exc)
+        raise ApiError(400, f"the body cannot be read: {detail}") from None
 
 
 def _merge(fields: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
