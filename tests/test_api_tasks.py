@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
-from tests.conftest import Client, ClientFactory, create, finished, follow, release
+from tests.conftest import Client, ClientFactory, create, finished, follow, get_json, release
 
 
 async def test_create_answers_task_id_location_and_runs_pulsar(client: Client) -> None:
@@ -127,6 +127,17 @@ async def test_list_tasks_documented_shape(client: Client) -> None:
     assert list(body["tasks"]) == [str(second["id"]), str(first["id"])]
     assert (body["total"], body["page"], body["pageSize"], body["pages"]) == (2, 1, 50, 1)
     assert body["tasks"][str(second["id"])]["app"] == "blog"
+
+
+async def test_list_tasks_without_output(client: Client) -> None:
+    done = await finished(client, (await create(client, "lines[100]"))["id"])
+    full = (await get_json(client, "/tasks"))["tasks"][str(done["id"])]
+    assert full["output"].startswith("line 1\nline 2\n")
+    light = (await get_json(client, "/tasks", output="false"))["tasks"][str(done["id"])]
+    assert "output" not in light and light["outputSize"] == full["outputSize"]
+    assert {k: v for k, v in full.items() if k in light} == light
+    answer = await get_json(client, "/tasks", 400, output="no")
+    assert "output must be true or false" in answer["error"]["message"]
 
 
 async def test_ids_are_unique_and_increasing(client: Client) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,8 +74,10 @@ MAX_PAGE_SIZE = 1000
 
 async def list_tasks(request: web.Request) -> web.Response:
     """The tasks, newest first, a page at a time (`page` or `currentPage`, `pageSize`),
-    filtered by `app`, `env` and `status`; `total` counts the matching tasks."""
+    filtered by `app`, `env` and `status`; `total` counts the matching tasks. With
+    `output=false`, each without its output (a list that stays small whatever the logs)."""
     query = request.query
+    with_output = _flag(query, "output", default=True)
     page = params.int_param(request, "page") or params.int_param(request, "currentPage") or 1
     size = params.int_param(request, "pageSize", PAGE_SIZE) or PAGE_SIZE
     if size > MAX_PAGE_SIZE:
@@ -94,7 +96,11 @@ async def list_tasks(request: web.Request) -> web.Response:
     ]
     shown = matching[(page - 1) * size : page * size]
     answers = request.app[ANSWERS]
-    parts = [f'"{task.id}": '.encode() + await answers.body(task, changed=False) for task in shown]
+    parts = [
+        f'"{task.id}": '.encode()
+        + (await answers.body(task, changed=False) if with_output else json.dumps(summary(task)).encode())
+        for task in shown
+    ]
     meta = {
         "url": params.url(request, "/"),
         "total": len(matching),
@@ -343,8 +349,8 @@ async def _fields(request: web.Request) -> tuple[dict[str, str], dict[str, str]]
     return fields, variables
 
 
-def _flag(fields: dict[str, str], name: str) -> bool:
-    value = fields.get(name, "false").lower()
+def _flag(fields: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = fields.get(name, str(default)).lower()
     if value not in ("true", "false", "1", "0"):
         raise ApiError(400, f"{name} must be true or false, not {value[:40]!r}")
     return value in ("true", "1")
