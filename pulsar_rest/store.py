@@ -52,14 +52,16 @@ CREATE TABLE IF NOT EXISTS tasks (
     state_seq INTEGER NOT NULL,
     output_size INTEGER NOT NULL DEFAULT 0,
     conf_commit TEXT,
-    stdout INTEGER NOT NULL DEFAULT 0
+    stdout INTEGER NOT NULL DEFAULT 0,
+    variable_names TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
 """
 
 _COLUMNS = (
     "id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code, "
-    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit, stdout"
+    "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit, stdout, "
+    "variable_names"
 )
 # Built from the constant above only: no value ever goes into the text of a statement.
 _SELECT_ALL = f"SELECT {_COLUMNS} FROM tasks ORDER BY id"  # noqa: S608
@@ -156,6 +158,7 @@ class SqliteStore:
             db.execute("ALTER TABLE tasks ADD COLUMN conf_commit TEXT")
         if version < 3:
             db.execute("ALTER TABLE tasks ADD COLUMN stdout INTEGER NOT NULL DEFAULT 0")
+            db.execute("ALTER TABLE tasks ADD COLUMN variable_names TEXT NOT NULL DEFAULT '[]'")
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
         rows = db.execute(_SELECT_ALL).fetchall()
@@ -171,7 +174,7 @@ class SqliteStore:
     def _task(self, row: tuple[Any, ...]) -> Task:
         (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid,
          exit_code, signal, created_by, killed_by, marker, created_seq, state_seq, _, conf_commit,
-         stdout) = row  # fmt: skip
+         stdout, variable_names) = row  # fmt: skip
         return Task(
             id=task_id,
             app=app,
@@ -195,6 +198,7 @@ class SqliteStore:
             created_seq=created_seq,
             state_seq=state_seq,
             conf_commit=conf_commit,
+            variable_names=tuple(json.loads(variable_names)),
         )
 
     # -- writing ---------------------------------------------------------------------------
@@ -216,7 +220,7 @@ class SqliteStore:
             _iso(task.created_at), _iso(task.started_at), _iso(task.finished_at), task.pid,
             task.exit_code, task.signal, task.created_by, task.killed_by, task.marker,
             task.created_seq, task.state_seq, task.output.size, task.conf_commit,
-            int(task.stdout is not None),
+            int(task.stdout is not None), json.dumps(task.variable_names),
         )  # fmt: skip
 
     def _upsert(self, row: tuple[Any, ...]) -> None:

@@ -78,9 +78,10 @@ class Task:
     # Its stdout alone, when asked for at its creation (for a client that parses it; the
     # merged output is then in order of arrival); None otherwise.
     stdout: OutputLog | None = None
-    # Environment variables for the task (taskVariables). Only their names are shown and
-    # none is recorded in the history: values may be secrets.
+    # Environment variables for the task (taskVariables), in memory only while it may still
+    # run: values may be secrets. Their names are shown and kept in the history.
     variables: dict[str, str] = field(default_factory=dict, repr=False)
+    variable_names: tuple[str, ...] = ()
     # Event numbers (cursors) of its creation and of its last status change.
     created_seq: int = 0
     state_seq: int = 0
@@ -91,6 +92,10 @@ class Task:
         who asked for its kill (recorded before its status changes)."""
         stdout = -1 if self.stdout is None else self.stdout.size
         return self.state_seq, self.output.size, stdout, self.killed_by
+
+    def __post_init__(self) -> None:
+        if self.variables and not self.variable_names:
+            self.variable_names = tuple(sorted(self.variables))
 
     def take_turn(self) -> None:
         """A queued task's turn has come: it holds its app and environment from now on."""

@@ -172,6 +172,20 @@ async def test_shutdown_kills_what_outlives_the_grace(make_client: ClientFactory
     assert (stopped["status"], stopped["signal"], stopped["killedBy"]) == ("killed", "SIGKILL", "shutdown")
 
 
+async def test_variable_names_are_history_and_values_never_are(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    client = await make_client()
+    variables = {"RELEASE": "v1.2", "TOKEN": "s3cr3t-value"}
+    answer = await post_json(client, "/app/prod", action="env[RELEASE]", taskVariables=variables)
+    task = await finished(client, answer["taskId"])
+    assert json.loads(task["output"].splitlines()[0]) == {"RELEASE": "v1.2"}
+    await client.close()
+    again = await make_client()
+    assert (await get_json(again, f"/task/{task['id']}"))["taskVariables"] == ["RELEASE", "TOKEN"]
+    assert not any(b"s3cr3t-value" in path.read_bytes() for path in settings.data_dir.glob("pulsar-rest.db*"))
+
+
 # The database of an earlier version (schema 2, before stdout could be kept apart), as it
 # was written then: a newer server opens it and keeps its history.
 SCHEMA_2 = """
@@ -207,7 +221,7 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
     db = sqlite3.connect(tmp_path / DB_NAME)
     try:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
-        assert db.execute("SELECT stdout FROM tasks WHERE id = 7").fetchone() == (0,)
+        assert db.execute("SELECT stdout, variable_names FROM tasks WHERE id = 7").fetchone() == (0, "[]")
     finally:
         db.close()
 

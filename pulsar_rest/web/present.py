@@ -39,7 +39,7 @@ def summary(task: Task) -> dict[str, Any]:
         "createdBy": task.created_by,
         "killedBy": task.killed_by,
         "confCommit": task.conf_commit,
-        "taskVariables": sorted(task.variables),  # names only: values may be secrets
+        "taskVariables": list(task.variable_names),  # names only: values may be secrets
         "outputSize": task.output.size,
         "stdoutSize": None if task.stdout is None else task.stdout.size,  # None: not kept apart
     }
