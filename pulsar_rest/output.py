@@ -79,7 +79,13 @@ class OutputLog:
         self.path = path
         self._fd: int | None = None  # opened and closed by the writer's thread only
         self._writer = writer
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if writer is not None:
+            # Whatever a file of that name held is not this task's (a history moved away
+            # without its logs), even if this task never writes.
+            path.unlink(missing_ok=True)
+        # One decoder per stream (stdout, stderr) merged here: a character one of them cut
+        # between two reads stays whole, whatever the other wrote in between.
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
         self._tail = bytearray()
         self._tail_limit = tail_limit
         self._closed = writer is None
@@ -97,9 +103,12 @@ class OutputLog:
         """True once the log takes no more output."""
         return self._closed
 
-    def feed(self, data: bytes) -> int:
-        """Append raw process output; return how many bytes the log grew by (may be 0)."""
-        if not self._decoder.getstate()[0]:
+    def feed(self, data: bytes, stream: int = 0) -> int:
+        """Append raw process output of `stream`; return how many bytes the log grew by."""
+        decoder = self._decoders.get(stream)
+        if decoder is None:
+            decoder = self._decoders[stream] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if not decoder.getstate()[0]:
             # Fast paths (no character pending from the last chunk): ASCII, or valid UTF-8
             # up to a character cut by the read, goes to the log as it is.
             if data.isascii():
@@ -110,15 +119,15 @@ class OutputLog:
             except UnicodeDecodeError:
                 pass
             else:
-                return self._append(whole) + self._append(self._decoder.decode(data[len(whole) :]).encode())
-        return self._append(self._decoder.decode(data).encode())
+                return self._append(whole) + self._append(decoder.decode(data[len(whole) :]).encode())
+        return self._append(decoder.decode(data).encode())
 
     async def close(self) -> int:
         """Flush a trailing incomplete character (as U+FFFD), wait until everything is in
         the file, and close it; return how many bytes the flush added."""
         if self._closed:
             return 0
-        added = self._append(self._decoder.decode(b"", final=True).encode())
+        added = sum(self._append(d.decode(b"", final=True).encode()) for d in self._decoders.values())
         self._closed = True
         assert self._writer is not None
         await self._writer.submit(self._close_file)

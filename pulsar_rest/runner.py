@@ -235,10 +235,9 @@ async def spawn(
     """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes.
 
     Without `on_stdout`, both go into one pipe: merged there, in the order they were
-    written. With it, they are read from two pipes: `on_stdout` receives stdout alone (before
-    `on_output` receives the same bytes), and the merged order is the order of arrival, which
-    a burst on both can reorder. `marker` (random if not given) marks the child and its
-    descendants: see kill_marked."""
+    written. With it, they are read from two pipes: `on_stdout` receives stdout, `on_output`
+    stderr, each in the order of arrival, which a burst on both can reorder. `marker` (random
+    if not given) marks the child and its descendants: see kill_marked."""
     loop = asyncio.get_running_loop()
     marker = marker or secrets.token_hex(8)
     child_env = dict(os.environ if env is None else env)
@@ -252,7 +251,7 @@ async def spawn(
             readers.append((out_read, _Output(on_output)))
             stderr: int = asyncio.subprocess.STDOUT
         else:
-            readers.append((out_read, _Output(_both(on_stdout, on_output))))
+            readers.append((out_read, _Output(on_stdout)))
             err_read, stderr = _pipe()
             writers.append(stderr)
             readers.append((err_read, _Output(on_output)))
@@ -279,11 +278,3 @@ async def spawn(
         pipe, _ = await loop.connect_read_pipe(output.itself, os.fdopen(read_fd, "rb", buffering=0))
         pipes.append((pipe, output))
     return ChildProcess(process, exit_protocol, pipes, marker)
-
-
-def _both(first: Callable[[bytes], None], then: Callable[[bytes], None]) -> Callable[[bytes], None]:
-    def feed(data: bytes) -> None:
-        first(data)
-        then(data)
-
-    return feed

@@ -20,7 +20,6 @@ from typing import Any
 from pulsar_rest import confrepo, pulsar, runner
 from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.names import check_action, check_name
-from pulsar_rest.output import OutputLog
 from pulsar_rest.store import TaskStore
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus, utcnow
 
@@ -57,6 +56,9 @@ class ShuttingDown(RuntimeError):
     def __init__(self) -> None:
         super().__init__("the server is shutting down: no new task is started")
 
+
+# The stream number of stdout in a task's output, when it is read apart (stderr is 0).
+STDOUT = 1
 
 # Output waiting for the disk beyond which a task's pipe is no longer read (the task then
 # waits), and below which reading resumes: memory stays bounded whatever the task writes.
@@ -111,11 +113,6 @@ def check_variables(variables: object) -> dict[str, str]:
         except UnicodeEncodeError:
             raise InvalidVariables(f"taskVariables: {name} is not valid Unicode text") from None
     return dict(variables)
-
-
-def _feed(log: OutputLog, data: bytes) -> None:
-    if not log.closed:  # see _output
-        log.feed(data)
 
 
 # How often old history is pruned by age (by count, it is after each task's end).
@@ -394,11 +391,10 @@ class TaskService:
             raise InvalidTransition(f"task {task.id} ended ({task.status}) before its start")
         try:
             env = {**os.environ, **task.variables} if task.variables else None
-            captured = task.stdout
             child = await runner.spawn(
                 argv,
                 lambda data: self._output(task, data),
-                on_stdout=None if captured is None else (lambda data: _feed(captured, data)),
+                on_stdout=None if task.stdout is None else (lambda data: self._stdout(task, data)),
                 marker=task.marker,
                 env=env,
             )
@@ -423,10 +419,17 @@ class TaskService:
         if task.id in self._kill_requested:
             self._own(child.terminate(self._config.kill_grace))
 
-    def _output(self, task: Task, data: bytes) -> None:
+    def _stdout(self, task: Task, data: bytes) -> None:
+        """stdout kept apart: in its own log first, then in the output with the rest."""
+        assert task.stdout is not None
+        if not task.stdout.closed:
+            task.stdout.feed(data)
+        self._output(task, data, STDOUT)
+
+    def _output(self, task: Task, data: bytes, stream: int = 0) -> None:
         if task.output.closed:
             return  # a process being stopped after its task was ended as never started
-        task.output.feed(data)  # published once in the file (on_written)
+        task.output.feed(data, stream)  # published once in the file (on_written)
         if task.output.backlog > BACKLOG_HIGH:
             child = self._children.get(task.id)
             if child is not None and task.id not in self._paused:
@@ -478,6 +481,7 @@ class TaskService:
             # The runner removes it itself, unless it was killed with SIGKILL.
             await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal)
+        task.variables = {}  # its values may be secrets, and it will not run again
         self._kill_requested.discard(task.id)
         self._store.save(task)
         self._publish(task, EventKind.CHANGED)

@@ -151,6 +151,22 @@ class SqliteStore:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.executescript(_SCHEMA)
+        # An upgrade is whole or not at all: a crash or an error in the middle leaves the
+        # database as it was.
+        db.execute("BEGIN")
+        try:
+            run = self._upgrade(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        rows = db.execute(_SELECT_ALL).fetchall()
+        last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+        self._last_id = last[0] if last else 0
+        return History([self._task(row) for row in rows], run)
+
+    def _upgrade(self, db: sqlite3.Connection) -> int:
+        """Bring the schema to this version's, and count this run; return its number."""
         version = int(self._meta("schema") or SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema {version} is newer than this pulsar-rest knows")
@@ -161,10 +177,7 @@ class SqliteStore:
             db.execute("ALTER TABLE tasks ADD COLUMN variable_names TEXT NOT NULL DEFAULT '[]'")
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
-        rows = db.execute(_SELECT_ALL).fetchall()
-        last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
-        self._last_id = last[0] if last else 0
-        return History([self._task(row) for row in rows], run)
+        return run
 
     def _meta(self, key: str) -> str | None:
         assert self._db is not None

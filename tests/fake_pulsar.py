@@ -102,6 +102,20 @@ def utf8(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def split(app: str, env: str, action: str, args: list[str]) -> int:
+    """A character cut between two stdout writes, with a stderr line between (gates between)."""
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    out.write(b"start " + "é".encode()[:1])
+    out.flush()
+    gate(args[0])
+    err.write(b"E\n")
+    err.flush()
+    gate(args[1])
+    out.write("é".encode()[1:] + b" end\n")
+    out.flush()
+    return 0
+
+
 def stamps(app: str, env: str, action: str, args: list[str]) -> int:
     """For the benchmark: at each gate, a line with the time it is written (time.time())."""
     for name in args:
@@ -211,6 +225,7 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "lines": lines,
     "interleave": interleave,
     "utf8": utf8,
+    "split": split,
     "args": show_args,
     "env": show_env,
     "record": record,

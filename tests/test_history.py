@@ -17,6 +17,7 @@ import pytest
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import DB_NAME, SqliteStore, StoreError
 from pulsar_rest.web.app import shutdown
+from pulsar_rest.web.keys import SERVICE
 from tests.conftest import (
     Client,
     ClientFactory,
@@ -180,6 +181,8 @@ async def test_variable_names_are_history_and_values_never_are(
     answer = await post_json(client, "/app/prod", action="env[RELEASE]", taskVariables=variables)
     task = await finished(client, answer["taskId"])
     assert json.loads(task["output"].splitlines()[0]) == {"RELEASE": "v1.2"}
+    assert client.app is not None
+    assert client.app[SERVICE].get(task["id"]).variables == {}  # not kept once it has ended
     await client.close()
     again = await make_client()
     assert (await get_json(again, f"/task/{task['id']}"))["taskVariables"] == ["RELEASE", "TOKEN"]
@@ -222,6 +225,24 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
     try:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
         assert db.execute("SELECT stdout, variable_names FROM tasks WHERE id = 7").fetchone() == (0, "[]")
+    finally:
+        db.close()
+
+
+async def test_an_upgrade_that_fails_changes_nothing(tmp_path: Path) -> None:
+    # A schema-2 database someone already gave one of schema 3's columns: the upgrade
+    # stops at it, and what it did before is undone.
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(SCHEMA_2 + "ALTER TABLE tasks ADD COLUMN variable_names TEXT;")
+    db.close()
+    with pytest.raises(StoreError, match="duplicate column name: variable_names"):
+        await SqliteStore(tmp_path).open()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    try:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(tasks)")]
+        assert "stdout" not in columns
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'run'").fetchone() == ("4",)
     finally:
         db.close()
 

@@ -3,12 +3,23 @@ for the deployed revision there, without the noise of stderr."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pulsar_rest.settings import Settings
-from tests.conftest import Client, ClientFactory, create, eventually, finished, get_json, post_json
+from tests.conftest import (
+    Client,
+    ClientFactory,
+    create,
+    eventually,
+    finished,
+    follow,
+    get_json,
+    post_json,
+    release,
+)
 from tests.test_errors import assert_envelope
 
 OUT = [f"out {i}\n" for i in range(1, 21, 2)]
@@ -98,3 +109,36 @@ async def test_stdout_survives_a_restart_and_goes_with_its_task(
     await finished(again, (await create(again, "ok", app="other"))["id"])  # the newer one stays
     await eventually(lambda: not (logs / f"{kept['id']}.stdout.log").exists(), what="the pruning")
     assert not (logs / f"{kept['id']}.log").exists()
+
+
+async def test_a_character_cut_on_one_stream_stays_whole_in_the_output(client: Client, gates: Path) -> None:
+    task_id = (await post_json(client, "/app/prod", action="split[s1,s2]", stdout=True))["taskId"]
+    await follow(client, task_id, lambda t: t["output"] == "start ")  # "é" is half written
+    release(gates, "s1")
+    await follow(client, task_id, lambda t: t["output"] == "start E\n")  # stderr, in between
+    release(gates, "s2")
+    task = await finished(client, task_id)
+    assert task["output"] == "start E\né end\n"  # each stream decoded on its own
+    assert await (await client.get(f"/task/{task_id}/stdout")).text() == "start é end\n"
+
+
+async def test_a_new_task_never_shows_a_stale_log_of_its_id(
+    make_client: ClientFactory, settings: Settings, gates: Path
+) -> None:
+    # A history moved away without its logs: the ids start again, the old files are there.
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True)
+    for name in ("1.log", "2.log", "2.stdout.log"):
+        (logs / name).write_text("an older task's output\n")
+    client = await make_client()
+    holder = await create(client, "gate[h]")
+    queued = await post_json(client, "/app/prod", action="ok", queue=True, stdout=True)
+    killed = await (await client.post(f"/task/{queued['taskId']}/kill")).json()
+    assert (killed["status"], killed["outputSize"], killed["stdoutSize"]) == ("killed", 0, 0)
+    for route in ("log", "stdout"):
+        assert await (await client.get(f"/task/{queued['taskId']}/{route}")).text() == ""
+    release(gates, "h")
+    assert "older" not in (await finished(client, holder["id"]))["output"]
+    await client.close()
+    again = await get_json(await make_client(), f"/task/{queued['taskId']}")
+    assert (again["outputSize"], again["stdoutSize"]) == (0, 0)
