@@ -27,14 +27,17 @@ class UnknownTarget(LookupError):
 
 def apps(conf: Path) -> dict[str, list[str]]:
     """`{app: [environments]}`, sorted, as `pulsar list` shows them: the entries of apps/
-    but Capfile and deploy.rb; an app's environments are its *.rb files but deploy.rb."""
+    but Capfile and deploy.rb; an app's environments are its *.rb files but deploy.rb. Like
+    Ruby's Dir[] that pulsar uses, hidden entries (a leading dot) are not seen."""
     root = conf / "apps"
     found: dict[str, list[str]] = {}
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.name in _SHARED or not entry.is_dir():
+        if entry.name in _SHARED or entry.name.startswith(".") or not entry.is_dir():
             continue
         found[entry.name] = sorted(
-            path.stem for path in entry.glob("*.rb") if path.name != "deploy.rb" and path.is_file()
+            path.stem
+            for path in entry.glob("*.rb")
+            if path.name != "deploy.rb" and not path.name.startswith(".") and path.is_file()
         )
     return found
 
@@ -128,20 +131,22 @@ class ConfigRepo:
                 sha = repo.commit(f"refs/remotes/origin/{self.branch}").hexsha
                 return self._export(repo, sha), sha
         except git.GitCommandError as exc:
-            detail = (exc.stderr or str(exc)).strip().splitlines()
             raise RepoUnavailable(
                 f"configuration repository {pulsar_redact(self.url)}, branch {self.branch}: "
-                f"{detail[-1] if detail else 'git failed'}"
+                f"{pulsar_redact(_git_reason(exc))}"
             ) from None
-        except (git.BadName, ValueError, OSError) as exc:  # OSError: our disk (full, unwritable)
+        # OSError: our disk (full, unwritable); TarError: a file its commit cannot give us.
+        except (git.GitError, git.BadName, ValueError, OSError, tarfile.TarError) as exc:
             raise RepoUnavailable(f"configuration repository {pulsar_redact(self.url)}: {exc}") from None
 
     def _repo(self) -> git.Repo:
         path = self._root / "repo.git"
-        if (path / "HEAD").exists():
+        try:
             repo = git.Repo(path)
-        else:
-            path.mkdir(parents=True, exist_ok=True)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            # Never made, or half made by a crash: it is only our copy, made again.
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
             repo = git.Repo.init(path, bare=True)
         repo.git.update_environment(**_GIT_ENV)
         if "origin" not in [remote.name for remote in repo.remotes]:
@@ -161,11 +166,13 @@ class ConfigRepo:
         archive = io.BytesIO()
         repo.archive(archive, treeish=sha, format="tar")
         archive.seek(0)
-        with tarfile.open(fileobj=archive) as tar:
-            tar.extractall(building, filter="data")
         try:
+            with tarfile.open(fileobj=archive) as tar:
+                # "tar", not "data": a link to an absolute path is the repository's own
+                # business (pulsar's clone keeps it); nothing is written outside the tree.
+                tar.extractall(building, filter="tar")
             building.rename(tree)  # whole or not at all
-        except OSError:
+        except (OSError, tarfile.TarError):
             shutil.rmtree(building, ignore_errors=True)
             if not tree.is_dir():
                 raise
@@ -175,6 +182,17 @@ class ConfigRepo:
             if time.time() - _mtime(stale) > _KEEP_USED_WITHIN:
                 shutil.rmtree(stale, ignore_errors=True)
         return tree
+
+
+def _git_reason(exc: git.GitCommandError) -> str:
+    """git's own reason, from what it printed: its first fatal or error line."""
+    raw = exc.stderr if isinstance(exc.stderr, str) else ""
+    lines = [line.strip().removeprefix("stderr: ").strip("'").strip() for line in raw.splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if line.lower().startswith(("fatal:", "error:", "ssh:", "remote:")):
+            return line
+    return lines[0] if lines else f"git failed (exit {exc.status})"
 
 
 def _retrieve(fetch: asyncio.Task[tuple[Path, str]]) -> None:

@@ -64,14 +64,22 @@ class Settings:
 
 
 def _text(value: object) -> str:
-    text = str(value).strip()
+    # Only text: YAML reads `branch: 1.10` as the number 1.1, which names another branch.
+    if not isinstance(value, str):
+        raise ValueError("must be text (in the --config file, put it in quotes)")
+    text = value.strip()
     if not text:
         raise ValueError("must not be empty")
+    if "\0" in text:
+        raise ValueError("must not hold a NUL character")
     return text
 
 
 def _path(value: object) -> Path:
-    return Path(_text(value)).expanduser()
+    try:
+        return Path(_text(value)).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise ValueError("names the home directory of an unknown user") from None
 
 
 def _port(value: object) -> int:
@@ -253,9 +261,13 @@ def _read_file(path: Path) -> dict[str, object]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SettingsError(f"cannot read --config {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SettingsError(f"--config {path} is not valid YAML: {first}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"--config {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        # Where, never what: YAML's messages quote the text they choke on, a password maybe.
+        mark = getattr(exc, "problem_mark", None)
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise SettingsError(f"--config {path} is not valid YAML{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -57,6 +57,12 @@ def server_context(settings: Settings) -> ssl.SSLContext:
                 f"--ssl-key/--ssl-cert: cannot load them ({exc.reason or exc}): a wrong "
                 "passphrase, a key that does not match the certificate, or not PEM files"
             ) from None
+        except TLSError:
+            raise  # from our passphrase callback: already the message to show
+        except ValueError:  # OpenSSL takes 1,024 bytes of passphrase at most
+            raise TLSError(
+                "--ssl-passphrase: longer than a passphrase can be (1,024 bytes): is it the right file?"
+            ) from None
     return ctx
 
 

@@ -52,7 +52,8 @@ def test_assembly_follows_pulsar(tmp_path: Path) -> None:
     cap = capistrano.assemble(conf, "shop", "production", tmp_path / "run")
     assert (cap / "Capfile").read_text() == (
         "# shared capfile\n# shop capfile\n"
-        f'Dir.glob("{conf.resolve()}/recipes/**/*.rake").each {{ |r| import r }}\n'
+        f"Dir.glob('**/*.rake', base: '{conf.resolve()}/recipes').each "
+        f"{{ |r| import File.join('{conf.resolve()}/recipes', r) }}\n"
     )
     assert (cap / "config" / "deploy.rb").read_text() == "set :shared, 1\nset :app, 'shop'\n"
     assert (cap / "config" / "deploy" / "production.rb").read_text() == "server 'a'\n"
