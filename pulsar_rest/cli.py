@@ -87,7 +87,17 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
             log.info("listening on %s://%s:%d/", scheme, _url_host(host), port)
         await stop.wait()
         log.info("stopping: new tasks refused, running tasks get %gs to end", settings.shutdown_grace)
-        await shutdown(runner.app, settings.shutdown_grace)
+        stop.clear()
+        graceful = asyncio.ensure_future(shutdown(runner.app, settings.shutdown_grace))
+        again = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([graceful, again], return_when=asyncio.FIRST_COMPLETED)
+        again.cancel()
+        if graceful.done():
+            graceful.result()
+        else:
+            # A second SIGTERM or Ctrl-C: the grace is over, running tasks are killed now.
+            log.warning("stopping now: running tasks are killed")
+            graceful.cancel()
     finally:
         await runner.cleanup()
     log.info("stopped")

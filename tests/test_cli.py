@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import alive
-from tests.serving import ROOT, TIMEOUT, call, command, ended, environ, listening_port, stop
+from tests.serving import ROOT, TIMEOUT, call, command, ended, environ, listening_port, stop, wait_for
 
 FLAGS = [
     "--port", "--host", "--config-repo", "--config-branch", "--log-dir", "--ssl-key", "--ssl-cert",
@@ -200,6 +201,20 @@ def test_sigterm_at_once_after_listening(start: Callable[..., subprocess.Popen[s
     proc = start()
     listening_port(tmp_path / "logs" / "pulsar-rest.log", proc)
     stop(proc)
+
+
+def test_a_second_sigterm_ends_the_grace(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "pulsar-rest.log"
+    proc = start("--kill-grace", "1", "--shutdown-grace", "3600")
+    base = f"http://127.0.0.1:{listening_port(log, proc)}"
+    task = call(f"{base}/shop/production", {"action": "hang"})["task"]
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "running tasks get 3600s to end" in log.read_text(), proc, "the graceful stop")
+    assert alive(task["pid"])  # given its hour
+    stop(proc)  # a second SIGTERM: within TIMEOUT, not an hour
+    assert not alive(task["pid"])
+    assert "stopping now: running tasks are killed" in log.read_text()
+    assert re.search(rf"task {task['id']} killed", log.read_text())
 
 
 def test_sigterm_kills_running_tasks(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
