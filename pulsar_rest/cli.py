@@ -14,7 +14,7 @@ from aiohttp import web
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.settings import Settings, SettingsError, load_settings
 from pulsar_rest.store import StoreError
-from pulsar_rest.tls import TLSError, server_context
+from pulsar_rest.tls import TLSError, expiry_warning, server_context
 from pulsar_rest.web.app import create_app, shutdown
 
 log = logging.getLogger("pulsar_rest")
@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
         ssl_context = server_context(settings) if settings.tls else None
         configure_logging(settings)
+        if settings.tls and (warning := expiry_warning(settings)):
+            log.warning("%s", warning)
         return asyncio.run(serve(settings, ssl_context))
     except (SettingsError, TLSError, StartupError) as exc:
         print(f"pulsar-rest: {exc}", file=sys.stderr)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import secrets
 import ssl
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -94,3 +96,28 @@ def _load_pfx(ctx: ssl.SSLContext, path: Path, passphrase: bytes | None) -> None
             ctx.load_cert_chain(cert_file, key_file, password=password)
         except ssl.SSLError as exc:
             raise TLSError(f"--ssl-pfx {path}: cannot use it ({exc.reason or exc})") from None
+
+
+# A certificate this close to its end is worth a warning at every start.
+EXPIRY_WARNING = timedelta(days=14)
+
+
+def expiry_warning(settings: Settings, now: datetime | None = None) -> str | None:
+    """A warning if the server's certificate has expired or soon will (None otherwise).
+    Clients refuse an expired certificate: better said by the server at start than found by
+    each of them. Call it after server_context(), which has checked the files."""
+    if settings.ssl_pfx is not None:
+        _, cert, _ = pkcs12.load_key_and_certificates(
+            _read(settings.ssl_pfx, "--ssl-pfx"), _passphrase(settings)
+        )
+        assert cert is not None
+    else:
+        assert settings.ssl_cert is not None
+        cert = x509.load_pem_x509_certificate(_read(settings.ssl_cert, "--ssl-cert"))
+    end = cert.not_valid_after_utc
+    now = now or datetime.now(UTC)
+    if end <= now:
+        return f"the TLS certificate expired on {end:%Y-%m-%d %H:%M} UTC: clients will refuse it"
+    if end - now <= EXPIRY_WARNING:
+        return f"the TLS certificate expires on {end:%Y-%m-%d %H:%M} UTC, in {(end - now).days} days"
+    return None

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pulsar_rest.settings import Settings
-from pulsar_rest.tls import TLSError, server_context
+from pulsar_rest.tls import TLSError, expiry_warning, server_context
 from pulsar_rest.web.app import create_app
 
 ROOT = Path(__file__).parents[1]
@@ -481,3 +481,19 @@ def test_key_that_does_not_match_the_certificate(
     )
     with pytest.raises(TLSError, match="does not match the certificate"):
         server_context(with_tls(settings, ssl_key=other, ssl_cert=dev_cert.crt))
+
+
+@pytest.mark.parametrize("form", ["pem", "pfx"])
+def test_a_certificate_near_or_past_its_end_is_said_at_start(
+    settings: Settings, dev_cert: DevCert, form: str
+) -> None:
+    if form == "pem":
+        tls = with_tls(settings, ssl_key=dev_cert.key, ssl_cert=dev_cert.crt)
+    else:
+        tls = with_tls(settings, ssl_pfx=dev_cert.pfx, ssl_passphrase=dev_cert.passphrase)
+    end = x509.load_pem_x509_certificate(dev_cert.crt.read_bytes()).not_valid_after_utc
+    assert expiry_warning(tls) is None  # the development certificate is good for a while
+    soon = expiry_warning(tls, now=end - datetime.timedelta(days=3, hours=1))
+    assert soon == f"the TLS certificate expires on {end:%Y-%m-%d %H:%M} UTC, in 3 days"
+    past = expiry_warning(tls, now=end + datetime.timedelta(seconds=1))
+    assert past == f"the TLS certificate expired on {end:%Y-%m-%d %H:%M} UTC: clients will refuse it"
