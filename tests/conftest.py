@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pulsar_rest.web.keys import BUS
 from tests.serving import ROOT, TIMEOUT, command, environ
 
 FAKE_PULSAR = Path(__file__).with_name("fake_pulsar.py")
+DEMO = ROOT / "config" / "demo"  # the demo configuration repository
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 Client = TestClient[web.Request, web.Application]
@@ -174,3 +176,23 @@ def start(tmp_path: Path, pulsar_bin: str) -> Iterator[Callable[..., subprocess.
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate(timeout=TIMEOUT)
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in `repo` (as a committer of its own); its output."""
+    done = subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def conf_git(tmp_path: Path) -> Path:
+    """A git copy of the demo repository, on branch `deploy` (not master)."""
+    repo = tmp_path / "conf-src"
+    shutil.copytree(DEMO, repo)
+    git(repo, "init", "-q", "-b", "deploy")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "demo")
+    return repo

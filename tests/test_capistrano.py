@@ -14,9 +14,8 @@ import psutil
 import pytest
 
 from pulsar_rest import capistrano, confrepo
-from tests.conftest import Client, ClientFactory, alive, eventually, finished, follow
+from tests.conftest import DEMO, Client, ClientFactory, alive, eventually, finished, follow
 
-DEMO = Path(__file__).parents[1] / "config" / "demo"
 CAP = shutil.which("cap")
 IN_CI = os.environ.get("CI") == "true"
 needs_cap = pytest.mark.skipif(

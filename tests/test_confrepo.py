@@ -5,40 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
-from tests.conftest import ClientFactory, create, eventually, finished, get_json, post_json, release
-from tests.test_capistrano import DEMO, needs_cap
-
-
-def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return done.stdout.strip()
-
-
-@pytest.fixture
-def conf_git(tmp_path: Path) -> Path:
-    """A git copy of the demo repository, on branch `deploy` (not master)."""
-    repo = tmp_path / "conf-src"
-    shutil.copytree(DEMO, repo)
-    _git(repo, "init", "-q", "-b", "deploy")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-qm", "demo")
-    return repo
+from tests.conftest import ClientFactory, create, eventually, finished, get_json, git, post_json, release
+from tests.test_capistrano import needs_cap
 
 
 async def test_tasks_run_with_a_commit_of_the_branch(
     make_client: ClientFactory, conf_git: Path, tmp_path: Path
 ) -> None:
     client = await make_client(config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=0)
-    first = _git(conf_git, "rev-parse", "HEAD")
+    first = git(conf_git, "rev-parse", "HEAD")
     assert await (await client.get("/apps")).json() == {"example": ["production", "staging"]}
     task = await finished(client, (await create(client, "args", app="example", env="production"))["id"])
     assert task["confCommit"] == first
@@ -48,9 +28,9 @@ async def test_tasks_run_with_a_commit_of_the_branch(
 
     # A new commit with a new environment: the next task sees it, the old tree stays whole.
     (conf_git / "apps" / "example" / "qa.rb").write_text("server 'localhost'\n")
-    _git(conf_git, "add", ".")
-    _git(conf_git, "commit", "-qm", "qa")
-    second = _git(conf_git, "rev-parse", "HEAD")
+    git(conf_git, "add", ".")
+    git(conf_git, "commit", "-qm", "qa")
+    second = git(conf_git, "rev-parse", "HEAD")
     assert (await (await client.get("/apps")).json())["example"] == ["production", "qa", "staging"]
     qa = await finished(client, (await create(client, "ok", app="example", env="qa"))["id"])
     assert qa["confCommit"] == second and qa["status"] == "finished"
@@ -60,8 +40,8 @@ async def test_tasks_run_with_a_commit_of_the_branch(
 
 async def test_fetches_are_throttled(make_client: ClientFactory, conf_git: Path) -> None:
     client = await make_client(config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=3600)
-    first = _git(conf_git, "rev-parse", "HEAD")
-    _git(conf_git, "commit", "-q", "--allow-empty", "-m", "later")
+    first = git(conf_git, "rev-parse", "HEAD")
+    git(conf_git, "commit", "-q", "--allow-empty", "-m", "later")
     task = await finished(client, (await create(client, "ok", app="example", env="staging"))["id"])
     assert task["confCommit"] == first  # the last fetch is recent enough
 
@@ -94,7 +74,7 @@ async def test_real_cap_from_a_git_configuration_repository(
     )
     done = await finished(client, (await resp.json())["taskId"])
     assert done["status"] == "finished", done["output"]
-    assert done["confCommit"] == _git(conf_git, "rev-parse", "HEAD")
+    assert done["confCommit"] == git(conf_git, "rev-parse", "HEAD")
     assert "step 2 of 2 on staging" in done["output"]
 
 
@@ -139,5 +119,5 @@ async def test_a_fetch_given_up_by_its_caller_is_shared_not_repeated(
     gone.cancel()  # a client that went away
     tree, sha = await repo.current()  # waits for the fetch under way
     assert updates == ["fetch"]
-    assert sha == _git(conf_git, "rev-parse", "HEAD") and (tree / "apps").is_dir()
+    assert sha == git(conf_git, "rev-parse", "HEAD") and (tree / "apps").is_dir()
     assert gone.cancelled()

@@ -16,8 +16,9 @@ import pytest
 
 from pulsar_rest import capistrano, confrepo
 from pulsar_rest.settings import SettingsError, load_settings
+from tests.conftest import DEMO, git
 from tests.serving import ROOT, TIMEOUT, command, environ
-from tests.test_capistrano import DEMO, needs_cap
+from tests.test_capistrano import needs_cap
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -32,23 +33,6 @@ def _one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     for word in words:
         assert word in done.stderr
-
-
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        check=True, capture_output=True,
-    )  # fmt: skip
-
-
-@pytest.fixture
-def conf_git(tmp_path: Path) -> Path:
-    repo = tmp_path / "conf-src"
-    shutil.copytree(DEMO, repo)
-    _git(repo, "init", "-q", "-b", "master")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "demo")
-    return repo
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -184,9 +168,9 @@ def test_an_existing_run_directory_is_a_message_and_a_verdict(tmp_path: Path) ->
 
 async def test_a_link_to_an_absolute_path_is_kept_as_pulsar_keeps_it(conf_git: Path, tmp_path: Path) -> None:
     (conf_git / "recipes" / "shared").symlink_to(tmp_path)
-    _git(conf_git, "add", "-A")
-    _git(conf_git, "commit", "-qm", "link")
-    tree, _ = await confrepo.ConfigRepo(str(conf_git), "master", tmp_path / "kept").current()
+    git(conf_git, "add", "-A")
+    git(conf_git, "commit", "-qm", "link")
+    tree, _ = await confrepo.ConfigRepo(str(conf_git), "deploy", tmp_path / "kept").current()
     assert os.readlink(tree / "recipes" / "shared") == str(tmp_path)
     assert not [p for p in (tmp_path / "kept" / "trees").iterdir() if p.name.startswith(".")]
 
@@ -194,8 +178,8 @@ async def test_a_link_to_an_absolute_path_is_kept_as_pulsar_keeps_it(conf_git: P
 async def test_a_broken_copy_of_the_repository_is_made_again(conf_git: Path, tmp_path: Path) -> None:
     clone = tmp_path / "kept" / "repo.git"
     clone.mkdir(parents=True)
-    (clone / "HEAD").write_text("ref: refs/heads/master\n")  # a `git init` cut short by a crash
-    tree, sha = await confrepo.ConfigRepo(str(conf_git), "master", tmp_path / "kept").current()
+    (clone / "HEAD").write_text("ref: refs/heads/deploy\n")  # a `git init` cut short by a crash
+    tree, sha = await confrepo.ConfigRepo(str(conf_git), "deploy", tmp_path / "kept").current()
     assert (tree / "apps" / "example" / "production.rb").is_file() and sha is not None and len(sha) == 40
 
 
