@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import psutil
 from aiohttp import web
 
 from pulsar_rest.confrepo import RepoUnavailable
@@ -71,8 +74,21 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
         handler_cancellation=True,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
     )
+    # The first fetch of the configuration repository may take up to git's timeout: a stop
+    # asked for meanwhile does not wait for it.
+    setup = asyncio.ensure_future(runner.setup())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([setup, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not setup.done():
+        setup.cancel()
+        _stop_git()
+        with contextlib.suppress(asyncio.CancelledError):
+            await setup
+        log.info("stopped while starting")
+        return 0
     try:
-        await runner.setup()
+        setup.result()
     except (StoreError, RepoUnavailable) as exc:
         raise StartupError(str(exc)) from None
     try:
@@ -104,6 +120,15 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _stop_git() -> None:
+    """Stop the git processes of an abandoned start: the thread that waits for one would
+    hold the exit until git's own timeout."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if Path(child.cmdline()[0]).name == "git":
+                child.terminate()
 
 
 def _url_host(host: str) -> str:

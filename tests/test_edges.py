@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,26 @@ def test_hidden_entries_are_neither_apps_nor_environments(tmp_path: Path) -> Non
     (conf / "apps" / ".archived" / "production.rb").touch()
     (conf / "apps" / "example" / ".production.rb").touch()
     assert confrepo.apps(conf) == {"example": ["production", "staging"]}
+
+
+def test_a_stop_while_the_first_fetch_hangs_does_not_wait_for_it(tmp_path: Path) -> None:
+    # A git server that takes the connection and never answers (a firewall, a dead host).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/conf.git"
+        log = tmp_path / "logs" / "pulsar-rest.log"
+        proc = subprocess.Popen(
+            command("--port", "0", "--data-dir", str(tmp_path / "d"), "--log-dir", str(log.parent),
+                    "--config-repo", url),
+            cwd=ROOT, env=environ(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        silent.settimeout(TIMEOUT)
+        connection, _ = silent.accept()  # git is fetching: the start waits for it
+        with connection:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=TIMEOUT)  # not git's 60 s
+    assert proc.returncode == 0, err
+    assert "Traceback" not in out + err
+    assert log.read_text().rstrip().endswith("stopped while starting")
