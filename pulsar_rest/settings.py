@@ -180,8 +180,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("ssl-pfx", _path, "TLS key and certificate as PKCS#12; overrides --ssl-key/--ssl-cert", "FILE"),
     _Option("ssl-passphrase", _path, "file holding the passphrase of the key or PKCS#12 file", "FILE"),
     _Option("ssl-min-version", _choice("1.2", "1.3"), "lowest TLS version accepted", "1.2|1.3"),
-    _Option("auth-username", _text, "user name for the authentication provider", "USER"),
-    _Option("auth-password", _text, "password for the authentication provider", "PASSWORD"),
+    _Option("auth-username", _text, "user name for the authentication provider (not available yet)", "USER"),
+    _Option(
+        "auth-password", _text, "password for the authentication provider (not available yet)", "PASSWORD"
+    ),
     _Option("auth-provider", _text, "authentication provider", "NAME"),
     _Option("auth-method", _text, "authentication method", "METHOD"),
     _Option("pulsar-bin", _text, "the pulsar executable", "PATH"),
@@ -203,7 +205,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "N",
     ),
     _Option("access-log", _bool, "log every HTTP request (a proxy in front usually does)"),
-    _Option("debug", _bool, "debug logging, and tracebacks in error answers"),
+    _Option("debug", _bool, "debug logging, and tracebacks in 500 answers"),
 )
 
 
