@@ -159,10 +159,8 @@ class OutputLog:
         return len(data)
 
     def _write_file(self, data: bytes) -> None:
-        if self._fd is None:
-            # Truncated: whatever a file of that name held before is not this task's.
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-            self._fd = os.open(self.path, flags, 0o640)
+        if self._fd is None:  # the first write makes the file (an older one went in __init__)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         _write_all(self._fd, data)
 
     def _close_file(self) -> None:

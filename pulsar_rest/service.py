@@ -377,18 +377,11 @@ class TaskService:
         argv = self._command(task.app, task.env, task.action, tree, task.id)
         task.command = [pulsar.redact(arg) for arg in argv]
         # On disk before anything runs: its id is never handed out again, even after a crash.
-        try:
-            await self._store.add(task)
-        except Exception:
-            log.exception("task %d: cannot record it, so it is not started", task.id)
-            self._output(task, b"pulsar-rest: the task could not be recorded: see the server log\n")
-            await self._end(task, TaskStatus.FAILED, runner.ExitStatus(None, None))
-            return
+        # (If the store fails, _start ends the task, as for any failure to start.)
+        await self._store.add(task)
         if task.id in self._kill_requested:  # killed while it was being recorded
             await self._end(task, TaskStatus.KILLED, runner.ExitStatus(None, None))
             return
-        if task.status.ended:  # a bug if so: never a process for an ended task
-            raise InvalidTransition(f"task {task.id} ended ({task.status}) before its start")
         try:
             env = {**os.environ, **task.variables} if task.variables else None
             child = await runner.spawn(

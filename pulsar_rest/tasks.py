@@ -43,6 +43,10 @@ _TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 
+# What changes whenever anything shown of a task changes (see Task.version).
+Version = tuple[int, int, int, str | None]
+
+
 class InvalidTransition(RuntimeError):
     pass
 
@@ -87,7 +91,7 @@ class Task:
     state_seq: int = 0
 
     @property
-    def version(self) -> tuple[int, int, int, str | None]:
+    def version(self) -> Version:
         """Changes whenever anything shown of the task changes: its status, its output, or
         who asked for its kill (recorded before its status changes)."""
         stdout = -1 if self.stdout is None else self.stdout.size

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from pulsar_rest.output import TAIL_LIMIT
-from pulsar_rest.tasks import Task
+from pulsar_rest.tasks import Task, Version
 
 # Answers kept; each is at most about TAIL_LIMIT bytes.
 _CACHE_SIZE = 32
@@ -56,7 +56,7 @@ class AnswerCache:
     """JSON bodies of `{"changed": true, "task": ...}` and of the task itself, per version."""
 
     def __init__(self) -> None:
-        self._bodies: dict[tuple[int, tuple[int, int, int, str | None], bool], bytes] = {}
+        self._bodies: dict[tuple[int, Version, bool], bytes] = {}
 
     async def body(self, task: Task, changed: bool) -> bytes:
         key = (task.id, task.version, changed)
