@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import psutil
 from aiohttp import web
 
 from pulsar_rest.confrepo import RepoUnavailable
+from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
 from pulsar_rest.store import StoreError
 from pulsar_rest.tls import TLSError, expiry_warning, server_context
@@ -25,23 +27,68 @@ log = logging.getLogger("pulsar_rest")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# aiohttp's default backlog: connections that wait to be accepted.
+LISTEN_BACKLOG = 128
+
+
 class StartupError(RuntimeError):
     pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    lock: DataDirLock | None = None
+    sockets: list[socket.socket] = []
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
         ssl_context = server_context(settings) if settings.tls else None
+        # The data directory, then the port, before anything is logged, read or changed: a
+        # second server (same data directory, or the port taken) stops here, having
+        # touched nothing, least of all the first one's running tasks.
+        lock = DataDirLock.claim(settings.data_dir)
+        sockets = bind(settings.host, settings.port)
         configure_logging(settings)
         if settings.tls and (warning := expiry_warning(settings)):
             log.warning("%s", warning)
-        return asyncio.run(serve(settings, ssl_context))
-    except (SettingsError, TLSError, StartupError) as exc:
+        return asyncio.run(serve(settings, ssl_context, sockets, lock))
+    except (SettingsError, TLSError, StartupError, DataDirError) as exc:
         print(f"pulsar-rest: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        for sock in sockets:
+            sock.close()
+        if lock is not None:
+            if lock.serving:
+                lock.release()
+            else:  # a start that never served leaves nothing behind in the data directory
+                lock.abandon()
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of `host` (as asyncio's create_server makes them;
+    with port 0, the same free port on each)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
 
 
 def configure_logging(settings: Settings) -> None:
@@ -61,7 +108,9 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
 
 
-async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
+async def serve(
+    settings: Settings, ssl_context: ssl.SSLContext | None, sockets: list[socket.socket], lock: DataDirLock
+) -> int:
     # handler_cancellation: a long-poll whose client went away is cancelled, which frees
     # its waiter at once instead of at its timeout.
     # Signals are handled before "listening" is logged: a supervisor may signal at once.
@@ -92,17 +141,13 @@ async def serve(settings: Settings, ssl_context: ssl.SSLContext | None) -> int:
     except (StoreError, RepoUnavailable) as exc:
         raise StartupError(str(exc)) from None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-            ) from None
+        for sock in sockets:
+            await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         scheme = "https" if ssl_context else "http"
-        for address in runner.addresses:
-            host, port = address[:2]
-            log.info("listening on %s://%s:%d/", scheme, _url_host(host), port)
+        urls = [f"{scheme}://{_url_host(host)}:{port}/" for host, port, *_ in runner.addresses]
+        for url in urls:
+            log.info("listening on %s", url)
+        lock.announce(urls)
         await stop.wait()
         log.info("stopping: new tasks refused, running tasks get %gs to end", settings.shutdown_grace)
         stop.clear()

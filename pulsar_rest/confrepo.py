@@ -99,6 +99,11 @@ class ConfigRepo:
             local if local.is_dir() and not (local / ".git").exists() and not _is_bare(local) else None
         )
 
+    @property
+    def shown_url(self) -> str:
+        """The URL without the credentials it may hold: for logs and messages."""
+        return pulsar_redact(self.url)
+
     async def current(self) -> tuple[Path, str | None]:
         """The tree to run with and its commit (None for a plain directory), fetched first
         unless that was done less than `interval` seconds ago."""
@@ -132,12 +137,12 @@ class ConfigRepo:
                 return self._export(repo, sha), sha
         except git.GitCommandError as exc:
             raise RepoUnavailable(
-                f"configuration repository {pulsar_redact(self.url)}, branch {self.branch}: "
+                f"configuration repository {self.shown_url}, branch {self.branch}: "
                 f"{pulsar_redact(_git_reason(exc))}"
             ) from None
         # OSError: our disk (full, unwritable); TarError: a file its commit cannot give us.
         except (git.GitError, git.BadName, ValueError, OSError, tarfile.TarError) as exc:
-            raise RepoUnavailable(f"configuration repository {pulsar_redact(self.url)}: {exc}") from None
+            raise RepoUnavailable(f"configuration repository {self.shown_url}: {exc}") from None
 
     def _repo(self) -> git.Repo:
         path = self._root / "repo.git"

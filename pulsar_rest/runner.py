@@ -97,6 +97,8 @@ class ChildProcess:
         self.pid: int = process.get_pid()
         # start_new_session makes the child the leader of its own group.
         self.pgid = self.pid
+        # The strongest signal sent to the tree so far: SIGKILL once it came to that.
+        self.signal_sent: signal.Signals | None = None
 
     async def wait_exit(self) -> ExitStatus:
         await asyncio.shield(self._exit.exited)
@@ -161,6 +163,8 @@ class ChildProcess:
         return {p for p in found if _alive(p)}
 
     def _signal(self, procs: set[psutil.Process], sig: signal.Signals) -> None:
+        if self.signal_sent is not signal.SIGKILL:
+            self.signal_sent = sig
         # killpg reaches members that appeared since the snapshot; only call it while a
         # snapshot member is still in the group, so a reused group id is never signalled.
         if any(_in_group(p, self.pgid) for p in procs):

@@ -456,15 +456,23 @@ class TaskService:
         finally:
             child.close()
             del self._children[task.id]
+        kill_signal = None
         if task.id in self._kill_requested:
             status = TaskStatus.KILLED
+            kill_signal = None if child.signal_sent is None else child.signal_sent.name
         elif exit_status.code != 0 or pulsar.reported_failure(task.output.tail_lines(pulsar.CLOSING_LINES)):
             status = TaskStatus.FAILED
         else:
             status = TaskStatus.FINISHED
-        await self._end(task, status, exit_status)
+        await self._end(task, status, exit_status, kill_signal)
 
-    async def _end(self, task: Task, status: TaskStatus, exit_status: runner.ExitStatus) -> None:
+    async def _end(
+        self,
+        task: Task,
+        status: TaskStatus,
+        exit_status: runner.ExitStatus,
+        kill_signal: str | None = None,
+    ) -> None:
         # The log is complete on disk, and the run directory gone, before the task is said to
         # have ended.
         if task.stdout is not None:
@@ -473,7 +481,7 @@ class TaskService:
         if self._config.run_root is not None:
             # The runner removes it itself, unless it was killed with SIGKILL.
             await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
-        task.end(status, exit_code=exit_status.code, signal=exit_status.signal)
+        task.end(status, exit_code=exit_status.code, signal=exit_status.signal, kill_signal=kill_signal)
         task.variables = {}  # its values may be secrets, and it will not run again
         self._kill_requested.discard(task.id)
         self._store.save(task)

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     output_size INTEGER NOT NULL DEFAULT 0,
     conf_commit TEXT,
     stdout INTEGER NOT NULL DEFAULT 0,
-    variable_names TEXT NOT NULL DEFAULT '[]'
+    variable_names TEXT NOT NULL DEFAULT '[]',
+    kill_signal TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
 """
@@ -61,7 +62,7 @@ CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
 _COLUMNS = (
     "id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code, "
     "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit, stdout, "
-    "variable_names"
+    "variable_names, kill_signal"
 )
 # Built from the constant above only: no value ever goes into the text of a statement.
 _SELECT_ALL = f"SELECT {_COLUMNS} FROM tasks ORDER BY id"  # noqa: S608
@@ -175,6 +176,8 @@ class SqliteStore:
         if version < 3:
             db.execute("ALTER TABLE tasks ADD COLUMN stdout INTEGER NOT NULL DEFAULT 0")
             db.execute("ALTER TABLE tasks ADD COLUMN variable_names TEXT NOT NULL DEFAULT '[]'")
+        if version < 4:
+            db.execute("ALTER TABLE tasks ADD COLUMN kill_signal TEXT")
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
         return run
@@ -187,7 +190,7 @@ class SqliteStore:
     def _task(self, row: tuple[Any, ...]) -> Task:
         (task_id, app, env, action, command, status, created_at, started_at, finished_at, pid,
          exit_code, signal, created_by, killed_by, marker, created_seq, state_seq, _, conf_commit,
-         stdout, variable_names) = row  # fmt: skip
+         stdout, variable_names, kill_signal) = row  # fmt: skip
         return Task(
             id=task_id,
             app=app,
@@ -205,6 +208,7 @@ class SqliteStore:
             pid=pid,
             exit_code=exit_code,
             signal=signal,
+            kill_signal=kill_signal,
             created_by=created_by,
             killed_by=killed_by,
             marker=marker,
@@ -233,7 +237,7 @@ class SqliteStore:
             _iso(task.created_at), _iso(task.started_at), _iso(task.finished_at), task.pid,
             task.exit_code, task.signal, task.created_by, task.killed_by, task.marker,
             task.created_seq, task.state_seq, task.output.size, task.conf_commit,
-            int(task.stdout is not None), json.dumps(task.variable_names),
+            int(task.stdout is not None), json.dumps(task.variable_names), task.kill_signal,
         )  # fmt: skip
 
     def _upsert(self, row: tuple[Any, ...]) -> None:

@@ -71,6 +71,10 @@ class Task:
     exit_code: int | None = None
     # Name of the signal that ended the process (e.g. "SIGKILL"), when one did.
     signal: str | None = None
+    # The strongest signal pulsar-rest sent to stop it ("SIGTERM", or "SIGKILL" after the
+    # grace), when it was killed: its exit code (143 after a handled SIGTERM, say) is the
+    # task's own answer to it.
+    kill_signal: str | None = None
     # Who asked for it and who stopped it: a user, or the client's address without
     # authentication, or "shutdown".
     created_by: str | None = None
@@ -115,6 +119,7 @@ class Task:
         status: TaskStatus,
         exit_code: int | None = None,
         signal: str | None = None,
+        kill_signal: str | None = None,
         now: datetime | None = None,
     ) -> None:
         if not status.ended:
@@ -122,6 +127,7 @@ class Task:
         self._move(status)
         self.exit_code = exit_code
         self.signal = signal
+        self.kill_signal = kill_signal
         self.finished_at = now or utcnow()
 
     def _move(self, new: TaskStatus) -> None:

@@ -216,6 +216,14 @@ def ignore_term(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def term_exit(app: str, env: str, action: str, args: list[str]) -> int:
+    """Handles SIGTERM as cap does: exits 128 + 15."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(143))
+    say("exits on SIGTERM")
+    sleep_forever()
+    return 0
+
+
 BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "ok": ok,
     "deploy": deploy,
@@ -235,6 +243,7 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "escape": escape,
     "hang": hang,
     "ignore-term": ignore_term,
+    "term-exit": term_exit,
 }
 
 

@@ -180,6 +180,8 @@ async def test_cap_kill_leaves_no_process_and_no_run_directory(
     assert (run_dir / "cap" / "Capfile").exists()
     killed = await (await cap_client.post(f"/task/{task['id']}/kill")).json()
     assert killed["status"] == "killed"
+    # The runner exits 128 + 15 after passing SIGTERM on to cap: killSignal says so plainly.
+    assert (killed["exitCode"], killed["signal"], killed["killSignal"]) == (143, None, "SIGTERM")
     assert not [p for p in tree if alive(p.pid)]
     assert not run_dir.exists()
 

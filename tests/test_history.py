@@ -35,7 +35,7 @@ from tests.serving import call, listening_port
 
 # Fields that must come back identical after a restart.
 KEPT = (
-    "id", "status", "app", "env", "action", "exitCode", "signal", "pid", "command", "createdAt",
+    "id", "status", "app", "env", "action", "exitCode", "signal", "killSignal", "pid", "command", "createdAt",
     "startedAt", "finishedAt", "createdBy", "killedBy", "outputSize", "output",
 )  # fmt: skip
 
@@ -62,6 +62,7 @@ async def test_history_and_output_survive_a_restart(make_client: ClientFactory, 
     assert (stopped["status"], stopped["killedBy"]) == ("killed", "shutdown")
     assert stopped["output"].startswith("waiting for never\n")
     assert [t["status"] for t in before.values()] == ["finished", "failed", "killed"]
+    assert [t["killSignal"] for t in before.values()] == [None, None, "SIGTERM"]
     assert before[failed["id"]]["createdBy"] == "127.0.0.1"
     # Ids go on from where they were, never reused.
     assert (await create(again, "ok"))["id"] == running["id"] + 1
@@ -223,8 +224,9 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
         await store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     try:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
-        assert db.execute("SELECT stdout, variable_names FROM tasks WHERE id = 7").fetchone() == (0, "[]")
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        row = db.execute("SELECT stdout, variable_names, kill_signal FROM tasks WHERE id = 7").fetchone()
+        assert row == (0, "[]", None)
     finally:
         db.close()
 

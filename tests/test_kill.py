@@ -23,9 +23,22 @@ async def test_kill_running_task(client: Client, method: str) -> None:
     killed = await resp.json()
     assert killed["status"] == "killed"
     assert killed["signal"] == "SIGTERM"
+    assert killed["killSignal"] == "SIGTERM"
     assert killed["exitCode"] is None
     assert killed["finishedAt"] is not None
     assert not alive(task["pid"])
+
+
+async def test_a_task_that_exits_on_sigterm_shows_the_signal_it_was_sent(client: Client) -> None:
+    # As cap does: it handles SIGTERM and exits 143 (128 + 15), so no signal ended it; the
+    # client reads which one was sent without knowing the shell's convention.
+    task = await create(client, "term-exit")
+    await follow(client, task["id"], lambda t: "exits on SIGTERM" in t["output"])
+    killed = await (await client.post(f"/task/{task['id']}/kill")).json()
+    assert (killed["status"], killed["exitCode"], killed["signal"]) == ("killed", 143, None)
+    assert killed["killSignal"] == "SIGTERM"
+    finished_alone = await finished(client, (await create(client, "ok", env="staging"))["id"])
+    assert finished_alone["killSignal"] is None
 
 
 async def test_kill_escalates_to_sigkill_after_the_grace(client: Client) -> None:
@@ -36,6 +49,7 @@ async def test_kill_escalates_to_sigkill_after_the_grace(client: Client) -> None
     killed = await resp.json()
     assert killed["status"] == "killed"
     assert killed["signal"] == "SIGKILL"
+    assert killed["killSignal"] == "SIGKILL"
     assert not alive(task["pid"])
 
 

@@ -41,6 +41,8 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     pulsar_bin = shutil.which(settings.pulsar_bin)
     if pulsar_bin is None:
         log.info("no %s executable: tasks run on pulsar-rest's own runner (cap)", settings.pulsar_bin)
+        if shutil.which("cap") is None:
+            log.warning("cap is not on the PATH: every task will fail (Debian: apt-get install capistrano)")
     conf = None
     if settings.config_repo:
         conf = ConfigRepo(
@@ -55,7 +57,10 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
                 f"--config-branch {settings.config_branch} cannot apply"
             )
         tree, commit = await conf.current()  # unreachable: a start-up error, not a later 503
-        log.info("configuration repository %s at %s", tree, commit or "(a directory, no commit)")
+        if commit is None:
+            log.info("configuration repository %s: a plain directory (no git)", tree)
+        else:
+            log.info("configuration repository %s at commit %s", conf.shown_url, commit)
     store = SqliteStore(settings.data_dir)
     history = await store.open()
     bus = EventBus(last_seq=history.run << RUN_BITS)

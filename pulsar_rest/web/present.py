@@ -31,6 +31,7 @@ def summary(task: Task) -> dict[str, Any]:
         "action": task.action,
         "exitCode": task.exit_code,
         "signal": task.signal,
+        "killSignal": task.kill_signal,
         "pid": task.pid,
         "command": task.command,
         "createdAt": _iso(task.created_at),
