@@ -15,12 +15,14 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
+from pulsar_rest import tokencli
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
 from pulsar_rest.store import StoreError
 from pulsar_rest.tls import TLSError, expiry_warning, server_context
 from pulsar_rest.web.app import create_app, shutdown
+from pulsar_rest.web.signin import SignInSetupError
 
 log = logging.getLogger("pulsar_rest")
 
@@ -36,10 +38,13 @@ class StartupError(RuntimeError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "token":
+        return tokencli.main(argv[1:])
     lock: DataDirLock | None = None
     sockets: list[socket.socket] = []
     try:
-        settings = load_settings(sys.argv[1:] if argv is None else argv)
+        settings = load_settings(argv)
         ssl_context = server_context(settings) if settings.tls else None
         # The data directory, then the port, before anything is logged, read or changed: a
         # second server (same data directory, or the port taken) stops here, having
@@ -118,8 +123,12 @@ async def serve(
     # The access log is off by default: formatting a log line costs more than answering a
     # long-poll (40% of a wake-up of 5,000 waiters), and the proxy in front logs requests.
     # Task creations and kills are always logged, with who asked.
+    try:
+        app = create_app(settings)
+    except SignInSetupError as exc:
+        raise StartupError(str(exc)) from None
     runner = web.AppRunner(
-        create_app(settings),
+        app,
         handler_cancellation=True,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 import yaml
 
 from pulsar_rest import __version__
+from pulsar_rest.auth.grants import Grant, GrantError, parse_grants
 
 ENV_PREFIX = "PULSAR_REST_"
 
@@ -42,11 +44,24 @@ class Settings:
     ssl_pfx: Path | None = None
     ssl_passphrase: Path | None = None
     ssl_min_version: str = "1.2"
-    auth_username: str | None = None
-    # Never shown: repr=False keeps it out of logs and tracebacks.
-    auth_password: str | None = field(default=None, repr=False)
+    allow_anonymous: bool = False
+    auth_read: tuple[Grant, ...] = ()
+    auth_write: tuple[Grant, ...] = ()
     auth_provider: str = "github"
     auth_method: str = "user"
+    auth_username: str | None = None
+    # Secrets are never shown: repr=False keeps them out of logs and tracebacks.
+    auth_password: str | None = field(default=None, repr=False)
+    auth_password_file: Path | None = None
+    auth_cache_ttl: float = 300.0
+    github_url: str = "https://github.com"
+    github_api_url: str = "https://api.github.com"
+    oauth_client_id: str | None = None
+    oauth_client_secret_file: Path | None = None
+    oauth_client_secret: str | None = field(default=None, repr=False)
+    session_key_file: Path | None = None
+    session_max_age: float = 12 * 3600.0
+    public_url: str | None = None
     pulsar_bin: str = "pulsar"
     long_poll_timeout: float = 30.0
     kill_grace: float = 10.0
@@ -61,6 +76,15 @@ class Settings:
     @property
     def tls(self) -> bool:
         return bool(self.ssl_pfx or self.ssl_key or self.ssl_cert)
+
+    @property
+    def auth(self) -> bool:
+        """Authentication is on: any grant, or pulsar-rest's own tokens alone."""
+        return bool(self.auth_read or self.auth_write) or self.auth_provider == "token"
+
+    @property
+    def browser_sign_in(self) -> bool:
+        return self.oauth_client_id is not None
 
 
 def _text(value: object) -> str:
@@ -136,6 +160,13 @@ def _bool(value: object) -> bool:
     raise ValueError("must be true or false")
 
 
+def _url(value: object) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", text):
+        raise ValueError("must be an http:// or https:// address")
+    return text.rstrip("/")
+
+
 def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = str(value).strip()
@@ -180,12 +211,37 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("ssl-pfx", _path, "TLS key and certificate as PKCS#12; overrides --ssl-key/--ssl-cert", "FILE"),
     _Option("ssl-passphrase", _path, "file holding the passphrase of the key or PKCS#12 file", "FILE"),
     _Option("ssl-min-version", _choice("1.2", "1.3"), "lowest TLS version accepted", "1.2|1.3"),
-    _Option("auth-username", _text, "user name for the authentication provider (not available yet)", "USER"),
+    _Option("auth-read", _text, "who may see tasks: comma-separated LOGIN, ORG or ORG/TEAM", "LIST"),
+    _Option("auth-write", _text, "who may also create and kill them (write implies read)", "LIST"),
     _Option(
-        "auth-password", _text, "password for the authentication provider (not available yet)", "PASSWORD"
+        "auth-method",
+        _choice("user", "org", "team"),
+        "how a grant without a user:, org: or team: prefix is read",
+        "user|org|team",
     ),
-    _Option("auth-provider", _text, "authentication provider", "NAME"),
-    _Option("auth-method", _text, "authentication method", "METHOD"),
+    _Option(
+        "auth-provider",
+        _choice("github", "token"),
+        "github: GitHub vouches for users; token: only tokens of `pulsar-rest token create`",
+        "github|token",
+    ),
+    _Option("auth-username", _text, "GitHub account that asks membership questions users cannot", "USER"),
+    _Option("auth-password", _text, "its personal access token (rather --auth-password-file)", "TOKEN"),
+    _Option("auth-password-file", _path, "file holding that personal access token", "FILE"),
+    _Option("auth-cache-ttl", _seconds(0, 86400), "seconds an answer of GitHub is reused", "SECONDS"),
+    _Option("allow-anonymous", _bool, "without authentication, listen on other addresses than loopback"),
+    _Option("github-url", _url, "GitHub's web address (its OAuth pages)", "URL"),
+    _Option("github-api-url", _url, "GitHub's API (GitHub Enterprise: https://HOST/api/v3)", "URL"),
+    _Option("oauth-client-id", _text, "client id of a GitHub OAuth app: browser sign-in", "ID"),
+    _Option("oauth-client-secret-file", _path, "file holding that OAuth app's client secret", "FILE"),
+    _Option(
+        "session-key-file",
+        _path,
+        "browser session keys, one per line, the first for new sessions (default: made once in --data-dir)",
+        "FILE",
+    ),
+    _Option("session-max-age", _seconds(60, 30 * 86400), "longest life of a browser session", "SECONDS"),
+    _Option("public-url", _url, "where users reach this service (behind a proxy: its https address)", "URL"),
     _Option("pulsar-bin", _text, "the pulsar executable", "PATH"),
     _Option("long-poll-timeout", _seconds(0.001, 3600), "longest wait of a long-poll", "SECONDS"),
     _Option("kill-grace", _seconds(0, 3600), "seconds between SIGTERM and SIGKILL on a kill", "SECONDS"),
@@ -238,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Precedence: command-line flags, then the --config file, then environment "
             "variables, then defaults. The file's keys are the flags' names "
-            "(config-repo or config_repo)."
+            "(config-repo or config_repo). API tokens for bots and CI: pulsar-rest token --help."
         ),
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
@@ -308,21 +364,66 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
             shown = "***" if opt.attr == "auth_password" else repr(raw)
             raise SettingsError(f"{source}: {shown} {exc}") from None
     values.setdefault("data_dir", default_data_dir(environ))
+    for key in ("auth_read", "auth_write"):
+        if key in values:
+            try:
+                values[key] = parse_grants(values[key], values.get("auth_method", "user"))
+            except GrantError as exc:
+                raise SettingsError(f"--{key.replace('_', '-')}: {exc}") from None
+    if "auth_password_file" in values:
+        if "auth_password" in values:
+            raise SettingsError("--auth-password and --auth-password-file: give one")
+        values["auth_password"] = _secret_file(values["auth_password_file"], "--auth-password-file")
+    if "oauth_client_secret_file" in values:
+        values["oauth_client_secret"] = _secret_file(
+            values["oauth_client_secret_file"], "--oauth-client-secret-file"
+        )
     settings = Settings(**values)
     _check(settings)
     return settings
 
 
+def _secret_file(path: Path, flag: str) -> str:
+    """The secret in `path`: its first line. Never quoted in an error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{flag} {path} is not UTF-8 text") from None
+    secret = text.strip().split("\n")[0].strip() if text.strip() else ""
+    if not secret:
+        raise SettingsError(f"{flag} {path} is empty")
+    return secret
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def _check(s: Settings) -> None:
-    if s.auth_username or s.auth_password:
+    if s.auth_provider == "token" and (s.auth_read or s.auth_write):
         raise SettingsError(
-            "--auth-username/--auth-password: authentication is not available in this "
-            "version yet; start without them (and keep the service on a trusted network)"
+            "--auth-read/--auth-write name GitHub identities: --auth-provider token takes none "
+            "(each token carries its role)"
         )
-    if s.auth_provider != "github":
-        raise SettingsError(f"--auth-provider {s.auth_provider}: the only provider is github")
-    if s.auth_method != "user":
-        raise SettingsError(f"--auth-method {s.auth_method}: the only method is user")
+    if bool(s.auth_username) != bool(s.auth_password):
+        raise SettingsError("--auth-username and --auth-password (or --auth-password-file) go together")
+    if bool(s.oauth_client_id) != bool(s.oauth_client_secret):
+        raise SettingsError("--oauth-client-id and --oauth-client-secret-file go together")
+    if s.oauth_client_id and (s.auth_provider != "github" or not s.auth):
+        raise SettingsError("--oauth-client-id: browser sign-in needs --auth-read or --auth-write grants")
+    if not s.auth and not s.allow_anonymous and not is_loopback(s.host):
+        raise SettingsError(
+            f"--host {s.host}: without authentication pulsar-rest listens on loopback only; give "
+            "--auth-write/--auth-read grants (or --auth-provider token), or --allow-anonymous to let "
+            "anyone who reaches the port deploy"
+        )
     if not s.ssl_pfx and bool(s.ssl_key) != bool(s.ssl_cert):
         raise SettingsError("--ssl-key and --ssl-cert go together (or use --ssl-pfx)")
     if s.ssl_passphrase and not s.tls:

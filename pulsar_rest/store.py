@@ -18,8 +18,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from pulsar_rest.audit import AuditAction, AuditRecord
+from pulsar_rest.auth.grants import Role
+from pulsar_rest.auth.tokens import ApiToken, check_name, digest, new_token
 from pulsar_rest.output import LogWriter, OutputLog
-from pulsar_rest.tasks import Task, TaskStatus
+from pulsar_rest.tasks import Task, TaskStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ T = TypeVar("T")
 
 DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +60,24 @@ CREATE TABLE IF NOT EXISTS tasks (
     kill_signal TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+-- pulsar-rest's own API tokens: only a hash of each (schema 5).
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    last_used_at TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    action TEXT NOT NULL,
+    who TEXT,
+    remote TEXT,
+    task_id INTEGER,
+    detail TEXT NOT NULL DEFAULT ''
+);
 """
 
 _COLUMNS = (
@@ -102,6 +123,18 @@ class TaskStore(Protocol):
 
     async def close(self) -> None:
         """Write what is pending and let go of the files."""
+
+    async def find_token(self, token_digest: str) -> ApiToken | None:
+        """The API token with this digest, if it exists (not revoked)."""
+
+    def token_used(self, token_digest: str, at: datetime) -> None:
+        """Note when a token was last used, soon."""
+
+    def add_audit(self, record: AuditRecord) -> None:
+        """Keep an audit record, in order, soon."""
+
+    async def audit_page(self, offset: int, limit: int) -> tuple[list[AuditRecord], int]:
+        """Audit records newest first from `offset`, and how many there are."""
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -266,6 +299,57 @@ class SqliteStore:
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id in ids])
         self._db.execute("COMMIT")
 
+    # -- tokens and the audit ------------------------------------------------------------
+
+    async def find_token(self, token_digest: str) -> ApiToken | None:
+        return await self._call(_find_token, self._connection(), token_digest)
+
+    def token_used(self, token_digest: str, at: datetime) -> None:
+        self._submit(
+            "UPDATE api_tokens SET last_used_at = ? WHERE digest = ?", (at.isoformat(), token_digest)
+        )
+
+    def add_audit(self, record: AuditRecord) -> None:
+        self._submit(
+            "INSERT INTO audit (at, action, who, remote, task_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.at.isoformat(),
+                record.action.value,
+                record.who,
+                record.remote,
+                record.task_id,
+                record.detail,
+            ),
+        )
+
+    async def audit_page(self, offset: int, limit: int) -> tuple[list[AuditRecord], int]:
+        return await self._call(self._audit_page, offset, limit)
+
+    def _audit_page(self, offset: int, limit: int) -> tuple[list[AuditRecord], int]:
+        db = self._connection()
+        rows = db.execute(
+            "SELECT id, at, action, who, remote, task_id, detail FROM audit ORDER BY id DESC "
+            "LIMIT ? OFFSET ?",
+            (limit, offset),
+        ).fetchall()
+        total = db.execute("SELECT count(*) FROM audit").fetchone()[0]
+        records = [
+            AuditRecord(
+                AuditAction(action), who, remote, detail, task_id, datetime.fromisoformat(at), record_id
+            )
+            for record_id, at, action, who, remote, task_id, detail in rows
+        ]
+        return records, total
+
+    def _connection(self) -> sqlite3.Connection:
+        assert self._db is not None
+        return self._db
+
+    def _submit(self, statement: str, values: tuple[Any, ...]) -> None:
+        """Run a write in order after the earlier ones, without waiting for it."""
+        done = self._thread.submit(lambda: self._connection().execute(statement, values))
+        done.add_done_callback(_log_failure)
+
     async def close(self) -> None:
         if self._db is not None:
             await self._call(self._db.close)
@@ -276,4 +360,62 @@ class SqliteStore:
 
 def _log_failure(done: Any) -> None:
     if done.exception() is not None:
-        log.error("cannot record a task in %s", DB_NAME, exc_info=done.exception())
+        log.error("cannot write to %s", DB_NAME, exc_info=done.exception())
+
+
+def _find_token(db: sqlite3.Connection, token_digest: str) -> ApiToken | None:
+    row = db.execute(_SELECT_TOKENS + " WHERE digest = ?", (token_digest,)).fetchone()
+    return None if row is None else _token(row)
+
+
+_SELECT_TOKENS = "SELECT name, role, created_at, expires_at, last_used_at FROM api_tokens"
+
+
+def _token(row: tuple[Any, ...]) -> ApiToken:
+    name, role, created_at, expires_at, last_used_at = row
+    return ApiToken(
+        name, Role(role), datetime.fromisoformat(created_at), _time(expires_at), _time(last_used_at)
+    )
+
+
+class TokenExists(ValueError):
+    pass
+
+
+class TokenAdmin:
+    """The API tokens, for `pulsar-rest token`: another process than the server, on the same
+    database while the server runs (SQLite's WAL lets both write)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)  # the tables, if the server never ran here
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"--data-dir {data_dir}: {DB_NAME} cannot be used ({exc})") from None
+
+    def create(self, name: str, role: Role, expires_at: datetime | None) -> str:
+        """A new token: the only time it is seen; the database keeps its digest."""
+        token = new_token()
+        try:
+            self._db.execute(
+                "INSERT INTO api_tokens (name, digest, role, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (check_name(name), digest(token), role.value, utcnow().isoformat(), _iso(expires_at)),
+            )
+        except sqlite3.IntegrityError:
+            raise TokenExists(
+                f"a token named {name!r} exists: revoke it first, or choose another name"
+            ) from None
+        return token
+
+    def tokens(self) -> list[ApiToken]:
+        return [_token(row) for row in self._db.execute(_SELECT_TOKENS + " ORDER BY name")]
+
+    def revoke(self, name: str) -> bool:
+        """Remove the token; False if there was none of that name."""
+        return self._db.execute("DELETE FROM api_tokens WHERE name = ?", (name,)).rowcount > 0
+
+    def close(self) -> None:
+        self._db.close()

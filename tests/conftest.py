@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from pulsar_rest.settings import Settings
 from pulsar_rest.web.app import create_app
 from pulsar_rest.web.keys import BUS
+from tests.fake_github import github, make_github  # noqa: F401 (fixtures for every test module)
 from tests.serving import ROOT, TIMEOUT, command, environ
 
 FAKE_PULSAR = Path(__file__).with_name("fake_pulsar.py")

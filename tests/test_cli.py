@@ -24,7 +24,10 @@ FLAGS = [
     "--port", "--host", "--config-repo", "--config-branch", "--log-dir", "--ssl-key", "--ssl-cert",
     "--ssl-pfx", "--ssl-passphrase", "--ssl-min-version", "--auth-username", "--auth-password",
     "--auth-provider", "--auth-method", "--pulsar-bin", "--long-poll-timeout", "--kill-grace",
-    "--config", "--debug", "--data-dir", "--keepalive",
+    "--config", "--debug", "--data-dir", "--keepalive", "--auth-read", "--auth-write",
+    "--auth-password-file", "--auth-cache-ttl", "--allow-anonymous", "--github-url", "--github-api-url",
+    "--oauth-client-id", "--oauth-client-secret-file", "--session-key-file", "--session-max-age",
+    "--public-url",
 ]  # fmt: skip
 
 
@@ -121,7 +124,31 @@ ERRORS: dict[str, Callable[[Files], tuple[list[str], list[str]]]] = {
         ["--config-repo", str(f.tmp / "no-such-repo.git")],
         ["configuration repository"],
     ),
-    "auth-username": lambda f: (["--auth-username", "x"], ["--auth-username", "not available"]),
+    "auth-username": lambda f: (
+        ["--auth-username", "x"],
+        ["--auth-username and --auth-password", "together"],
+    ),
+    "open-without-auth": lambda f: (
+        ["--host", "0.0.0.0"],
+        ["--host 0.0.0.0: without authentication", "--allow-anonymous"],
+    ),
+    "bad-grant": lambda f: (["--auth-write", "team:acme"], ["--auth-write: 'team:acme' is not a team grant"]),
+    "unknown-grant-kind": lambda f: (
+        ["--auth-read", "group:x"],
+        ["--auth-read: 'group:x': the kind must be"],
+    ),
+    "sign-in-without-grants": lambda f: (
+        ["--oauth-client-id", "x", "--oauth-client-secret-file", f.write("secret", "s3\n")],
+        ["--oauth-client-id: browser sign-in needs --auth-read or --auth-write"],
+    ),
+    "token-provider-with-grants": lambda f: (
+        ["--auth-provider", "token", "--auth-write", "alice"],
+        ["--auth-provider token takes none"],
+    ),
+    "password-file-missing": lambda f: (
+        ["--auth-username", "x", "--auth-password-file", str(f.tmp / "none")],
+        [f"cannot read --auth-password-file {f.tmp / 'none'}"],
+    ),
     "key-without-cert": lambda f: (["--ssl-key", str(f.key)], ["--ssl-key and --ssl-cert go together"]),
     "unreadable-cert": lambda f: (
         ["--ssl-key", str(f.key), "--ssl-cert", str(f.tmp / "none.crt")],

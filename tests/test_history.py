@@ -224,7 +224,7 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
         await store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     try:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("5",)
         row = db.execute("SELECT stdout, variable_names, kill_signal FROM tasks WHERE id = 7").fetchone()
         assert row == (0, "[]", None)
     finally:

@@ -36,7 +36,7 @@ def test_defaults() -> None:
     ],
 )
 def test_precedence(tmp_path: Path, sources: set[str], port: int) -> None:
-    argv: list[str] = ["--config", write(tmp_path, "port: 1002\nhost: 0.0.0.0\n")]
+    argv: list[str] = ["--config", write(tmp_path, "port: 1002\nhost: 0.0.0.0\nallow-anonymous: true\n")]
     if "flag" in sources:
         argv += ["--port", "1003"]
     env = {"PULSAR_REST_PORT": "1001", "PULSAR_REST_KILL_GRACE": "3"} if "env" in sources else {}
@@ -195,7 +195,7 @@ def test_password_never_in_an_error(tmp_path: Path, how: str) -> None:
     elif how == "yaml-error":
         argv = ["--config", write(tmp_path, f'auth-password: "{SECRET}\n')]
     elif how == "with-username":
-        argv = ["--auth-username", "deployer", "--auth-password", SECRET]
+        argv = ["--auth-username", "deployer", "--auth-password", SECRET, "--auth-method", "nope"]
     else:
         argv = ["--auth-password", SECRET, "--port", "abc"]
     with pytest.raises(SettingsError) as caught:
@@ -219,8 +219,8 @@ def test_password_not_in_the_settings_repr() -> None:
         (["--ssl-key", "k.pem"], "--ssl-key and --ssl-cert go together"),
         (["--ssl-cert", "c.pem"], "--ssl-key and --ssl-cert go together"),
         (["--ssl-passphrase", "p"], "--ssl-passphrase needs --ssl-key/--ssl-cert or --ssl-pfx"),
-        (["--auth-provider", "gitlab"], "--auth-provider gitlab: the only provider is github"),
-        (["--auth-method", "token"], "--auth-method token: the only method is user"),
+        (["--auth-provider", "gitlab"], "--auth-provider: 'gitlab' must be one of github, token"),
+        (["--auth-method", "token"], "--auth-method: 'token' must be one of user, org, team"),
         (["--port"], "argument --port: expected one argument (see --help)"),
         (["--prot", "1"], "unrecognized arguments: --prot (see --help)"),
         (["--ssl"], "unrecognized arguments: --ssl (see --help)"),  # no abbreviations

@@ -6,17 +6,24 @@ import logging
 import shutil
 from collections.abc import AsyncIterator
 
+import aiohttp
+import aiohttp_session
 from aiohttp import web
 
+from pulsar_rest.audit import Audit
+from pulsar_rest.auth.github import GitHubClient
+from pulsar_rest.auth.identity import Authenticator
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
 from pulsar_rest.events import EventBus
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import SqliteStore
+from pulsar_rest.web.auth import Gatekeeper, auth_middleware
 from pulsar_rest.web.errors import error_middleware
-from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
+from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, GATEKEEPER, SERVICE, SETTINGS, SIGN_IN, STORE
 from pulsar_rest.web.present import AnswerCache
 from pulsar_rest.web.routes import setup_routes
+from pulsar_rest.web.signin import SignIn, session_keys
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +35,22 @@ RUN_BITS = 32
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    """The application; SignInSetupError if browser sign-in is configured and its session
+    keys cannot be had."""
+    sessions = []
+    sign_in = None
+    if settings.browser_sign_in:
+        sign_in = SignIn(settings, session_keys(settings))
+        sessions = [aiohttp_session.session_middleware(sign_in.storage)]
+    app = web.Application(
+        middlewares=[error_middleware, *sessions, auth_middleware], client_max_size=MAX_BODY
+    )
     app[SETTINGS] = settings
+    if sign_in is not None:
+        app[SIGN_IN] = sign_in
     setup_routes(app)
     app.cleanup_ctx.append(_tasks)
+    app.cleanup_ctx.append(_auth)
     app.on_shutdown.append(_answer_waiters)
     return app
 
@@ -74,12 +93,41 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
         run_root=settings.data_dir / "runs",
     )
     service = TaskService(store, bus, config, history.tasks)
+    app[STORE] = store
+    app[AUDIT] = Audit(store)
     app[ANSWERS] = AnswerCache()
     app[BUS] = bus
     app[SERVICE] = service
     await service.start()
     yield
     await service.close()
+
+
+async def _auth(app: web.Application) -> AsyncIterator[None]:
+    """Who may do what: GitHub (one HTTP client for every question), our tokens (the store)."""
+    settings = app[SETTINGS]
+    session = None
+    github = None
+    if settings.auth and settings.auth_provider == "github":
+        session = aiohttp.ClientSession()
+        github = GitHubClient(
+            session,
+            settings.github_url,
+            settings.github_api_url,
+            settings.auth_username,
+            settings.auth_password,
+        )
+    authenticator = Authenticator(
+        store=app[STORE],
+        github=github,
+        read=settings.auth_read,
+        write=settings.auth_write,
+        ttl=settings.auth_cache_ttl,
+    )
+    app[GATEKEEPER] = Gatekeeper(settings, authenticator, app[AUDIT], github)
+    yield
+    if session is not None:
+        await session.close()
 
 
 async def shutdown(app: web.Application, grace: float) -> None:

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import TYPE_CHECKING
 
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
+
+from pulsar_rest.audit import Audit
 from pulsar_rest.events import EventBus
 from pulsar_rest.service import TaskService
 from pulsar_rest.settings import Settings
+from pulsar_rest.store import SqliteStore
 from pulsar_rest.web.present import AnswerCache
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
 SERVICE = web.AppKey("service", TaskService)
 ANSWERS = web.AppKey("answers", AnswerCache)
+AUDIT = web.AppKey("audit", Audit)
+STORE = web.AppKey("store", SqliteStore)
+
+if TYPE_CHECKING:  # they import these keys
+    from pulsar_rest.web.auth import Gatekeeper, Rule
+    from pulsar_rest.web.signin import SignIn
+
+GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
+RULES: web.AppKey[dict[AbstractRoute, Rule]] = web.AppKey("rules")  # each route's access
+SIGN_IN: web.AppKey[SignIn] = web.AppKey("sign_in")

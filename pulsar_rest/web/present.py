@@ -15,7 +15,7 @@ from pulsar_rest.tasks import Task, Version
 _CACHE_SIZE = 32
 
 
-def _iso(moment: datetime | None) -> str | None:
+def iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -34,9 +34,9 @@ def summary(task: Task) -> dict[str, Any]:
         "killSignal": task.kill_signal,
         "pid": task.pid,
         "command": task.command,
-        "createdAt": _iso(task.created_at),
-        "startedAt": _iso(task.started_at),
-        "finishedAt": _iso(task.finished_at),
+        "createdAt": iso(task.created_at),
+        "startedAt": iso(task.started_at),
+        "finishedAt": iso(task.finished_at),
         "createdBy": task.created_by,
         "killedBy": task.killed_by,
         "confCommit": task.conf_commit,

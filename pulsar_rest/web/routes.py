@@ -1,31 +1,70 @@
-"""The URL map: the documented API of the original service, then the catch-all create."""
+"""The URL map, each route with who may use it: one table, and nothing outside it (the
+middleware in auth.py refuses a route that has no rule)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
 from aiohttp import web
 
-from pulsar_rest.web import streams, views
+from pulsar_rest.web import signin, streams, views
+from pulsar_rest.web.auth import Access, Rule
+from pulsar_rest.web.keys import RULES
 
 TASK = "/task/{id}"
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/", views.index)
-    app.router.add_get("/status", views.status)
-    app.router.add_get("/apps", views.list_apps)
-    app.router.add_get("/tasks", views.list_tasks)
-    app.router.add_get("/tasks/created", views.tasks_created)
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    rule: Rule
     # Streams have no HEAD: their answer is the body, which HEAD must not send.
-    app.router.add_get("/events", streams.events, allow_head=False)
-    app.router.add_get("/websocket", streams.websocket, allow_head=False)
-    app.router.add_get(TASK, views.get_task)
-    app.router.add_get(TASK + "/log", views.get_log)
-    app.router.add_get(TASK + "/stdout", views.get_stdout)
-    app.router.add_get(TASK + "/stream", streams.task_stream, allow_head=False)
-    app.router.add_get(TASK + "/output", views.task_output)
-    app.router.add_get(TASK + "/state", views.task_state)
-    app.router.add_get(TASK + "/kill", views.kill_task)  # the documented form
-    app.router.add_post(TASK + "/kill", views.kill_task)
+    head: bool = True
+
+
+_OPEN = Rule(Access.OPEN)
+_READ = Rule(Access.READ)
+_CHANGE = Rule(Access.WRITE, changes=True)
+
+ROUTES: tuple[Route, ...] = (
+    # Open: the page (which then asks to sign in), signing in and out, and health.
+    Route("GET", "/", views.index, _OPEN),
+    Route("GET", "/status", views.status, _OPEN),  # counts only, without the read role
+    Route("GET", "/login", signin.login, _OPEN),
+    Route("GET", "/login/callback", signin.callback, _OPEN),
+    Route("POST", "/logout", signin.logout, _OPEN),
+    Route("GET", "/me", signin.me, _OPEN),  # 401 when nobody is signed in
+    # Read: everything that shows tasks.
+    Route("GET", "/apps", views.list_apps, _READ),
+    Route("GET", "/tasks", views.list_tasks, _READ),
+    Route("GET", "/tasks/created", views.tasks_created, _READ),
+    Route("GET", "/events", streams.events, _READ, head=False),
+    Route("GET", "/websocket", streams.websocket, _READ, head=False),
+    Route("GET", TASK, views.get_task, _READ),
+    Route("GET", TASK + "/log", views.get_log, _READ),
+    Route("GET", TASK + "/stdout", views.get_stdout, _READ),
+    Route("GET", TASK + "/stream", streams.task_stream, _READ, head=False),
+    Route("GET", TASK + "/output", views.task_output, _READ),
+    Route("GET", TASK + "/state", views.task_state, _READ),
+    # Write: what changes tasks, and who did what.
+    Route("GET", TASK + "/kill", views.kill_task, _CHANGE),  # the documented form (not by cookie)
+    Route("POST", TASK + "/kill", views.kill_task, _CHANGE),
+    Route("GET", "/audit", views.audit, Rule(Access.WRITE)),
     # Last: it matches any two-segment path. An app named like the first segment of a
     # route above ("task", "tasks") is refused, so POST /task/12 is no deploy of app "task".
-    app.router.add_post("/{app}/{env}", views.create_task)
+    Route("POST", "/{app}/{env}", views.create_task, _CHANGE),
+)
+
+
+def setup_routes(app: web.Application) -> None:
+    rules = {}
+    for route in ROUTES:
+        rules[app.router.add_route(route.method, route.path, route.handler)] = route.rule
+        if route.method == "GET" and route.head:
+            rules[app.router.add_route("HEAD", route.path, route.handler)] = route.rule
+    app[RULES] = rules

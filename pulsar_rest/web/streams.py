@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -21,7 +21,7 @@ from pulsar_rest.service import TaskService
 from pulsar_rest.tasks import Task
 from pulsar_rest.web import params
 from pulsar_rest.web.errors import ApiError
-from pulsar_rest.web.keys import BUS, SERVICE, SETTINGS
+from pulsar_rest.web.keys import BUS, GATEKEEPER, RULES, SERVICE, SETTINGS
 from pulsar_rest.web.present import summary
 
 # Most output bytes in one stream message.
@@ -32,6 +32,17 @@ _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: pass each event on at once
 }
+
+
+# Is the stream's identity still valid? Asked before each message; GitHub is asked again
+# only once the last answer's time (--auth-cache-ttl) is up.
+Guard = Callable[[], Awaitable[bool]]
+_UNAUTHORIZED = {"message": "your credentials are no longer valid: sign in again"}
+
+
+def _guard(request: web.Request) -> Guard:
+    rule = request.app[RULES][request.match_info.route]
+    return lambda: request.app[GATEKEEPER].still_admitted(request, rule)
 
 
 def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:
@@ -75,14 +86,17 @@ async def events(request: web.Request) -> web.StreamResponse:
     if cursor is None:
         cursor = bus.seq
     with _client_may_leave():
-        await _send_events(response, request, cursor)
+        await _send_events(response, request, cursor, _guard(request))
     return response
 
 
-async def _send_events(response: web.StreamResponse, request: web.Request, cursor: int) -> None:
+async def _send_events(response: web.StreamResponse, request: web.Request, cursor: int, guard: Guard) -> None:
     bus, service = request.app[BUS], request.app[SERVICE]
     keepalive = request.app[SETTINGS].keepalive
     while not bus.closed:
+        if not await guard():
+            await response.write(_sse("unauthorized", _UNAUTHORIZED))
+            break
         try:
             pending = bus.since(cursor)
         except CursorGone as exc:
@@ -108,7 +122,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
     response = await _open_sse(request)
     with _client_may_leave():
-        await _send_task(response, bus, service, task, offset, keepalive)
+        await _send_task(response, bus, service, task, offset, keepalive, _guard(request))
     return response
 
 
@@ -119,10 +133,14 @@ async def _send_task(
     task: Task,
     offset: int,
     keepalive: float,
+    guard: Guard,
 ) -> None:
     state_seq = task.state_seq  # of the summary sent now
     await response.write(_sse("state", summary(task), offset))
     while True:
+        if not await guard():
+            await response.write(_sse("unauthorized", _UNAUTHORIZED, offset))
+            break
         if offset < task.output.size:
             # From inside a character (a client's offset), the text is longer than the bytes read.
             start = offset
@@ -174,7 +192,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     reader = asyncio.ensure_future(_drain(ws))
     try:
         with _client_may_leave():
-            await _send_all(ws, bus, service, cursor, offsets, reader)
+            await _send_all(
+                ws, bus, service, cursor, offsets, reader, _guard(request), request.app[SETTINGS].keepalive
+            )
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -190,10 +210,15 @@ async def _send_all(
     cursor: int,
     offsets: dict[int, int],
     reader: asyncio.Future[None],
+    guard: Guard,
+    recheck: float,
 ) -> None:
     """Send the events after `cursor`, with the output deltas, until the client (`reader`)
-    or the bus closes."""
+    or the bus closes, or the client's credentials are no longer valid."""
     while not ws.closed and not reader.done() and not bus.closed:
+        if not await guard():
+            await ws.send_json({"event": "unauthorized", **_UNAUTHORIZED})
+            break
         seen = bus.published  # what was checked, below, before waiting for news
         try:
             pending = bus.since(cursor)
@@ -214,7 +239,8 @@ async def _send_all(
         if not pending and not sent:
             waiting = asyncio.ensure_future(_news(bus, seen))
             try:
-                await asyncio.wait([waiting, reader], return_when=asyncio.FIRST_COMPLETED)
+                # At the latest after `recheck`: the guard is asked again even without news.
+                await asyncio.wait([waiting, reader], timeout=recheck, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiting.cancel()  # also when the handler is cancelled (client gone)
 

@@ -17,13 +17,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiMapping
 
+from pulsar_rest.audit import AuditAction
+from pulsar_rest.auth.grants import Role
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.output import OutputLog, complete_chars
 from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web import params
+from pulsar_rest.web.auth import IDENTITY
 from pulsar_rest.web.errors import VERSION, ApiError
-from pulsar_rest.web.keys import ANSWERS, BUS, SERVICE, SETTINGS
-from pulsar_rest.web.present import summary
+from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, SERVICE, SETTINGS
+from pulsar_rest.web.present import iso, summary
 
 T = TypeVar("T")
 
@@ -57,14 +60,17 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def status(request: web.Request) -> web.Response:
-    """Health and load: for monitors, dashboards and the benchmark."""
+    """Health and load: for monitors, dashboards and the benchmark. Open to all, it shows
+    the rest (waiting clients, the event cursor) only to the read role."""
     service, bus = request.app[SERVICE], request.app[BUS]
     counts: dict[str, int] = {}
     for task in service.tasks():
         counts[task.status.value] = counts.get(task.status.value, 0) + 1
-    return _json(
-        {"ok": True, "version": VERSION, "tasks": counts, "waiters": bus.waiter_count, "seq": bus.seq}
-    )
+    answer: dict[str, Any] = {"ok": True, "version": VERSION, "tasks": counts}
+    identity = request.get(IDENTITY)
+    if identity is not None and identity.allows(Role.READ):
+        answer.update(waiters=bus.waiter_count, seq=bus.seq)
+    return _json(answer)
 
 
 # Tasks in one page of GET /tasks, by default and at most.
@@ -74,14 +80,11 @@ MAX_PAGE_SIZE = 1000
 
 async def list_tasks(request: web.Request) -> web.Response:
     """The tasks, newest first, a page at a time (`page` or `currentPage`, `pageSize`),
-    filtered by `app`, `env` and `status`; `total` counts the matching tasks. With
+    filtered by `app`, `env`, `status` and `createdBy`; `total` counts the matching tasks. With
     `output=false`, each without its output (a list that stays small whatever the logs)."""
     query = request.query
     with_output = _flag(query, "output", default=True)
-    page = params.int_param(request, "page") or params.int_param(request, "currentPage") or 1
-    size = params.int_param(request, "pageSize", PAGE_SIZE) or PAGE_SIZE
-    if size > MAX_PAGE_SIZE:
-        raise ApiError(400, f"pageSize must be {MAX_PAGE_SIZE} at most")
+    page, size = _paging(request)
     status = query.get("status")
     if status is not None and status not in {s.value for s in TaskStatus}:
         raise ApiError(
@@ -93,6 +96,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         if query.get("app", task.app) == task.app
         and query.get("env", task.env) == task.env
         and (status is None or task.status.value == status)
+        and query.get("createdBy", task.created_by) == task.created_by
     ]
     shown = matching[(page - 1) * size : page * size]
     answers = request.app[ANSWERS]
@@ -111,6 +115,36 @@ async def list_tasks(request: web.Request) -> web.Response:
     }
     body = json.dumps(meta)[:-1].encode() + b', "tasks": {' + b", ".join(parts) + b"}}"
     return web.Response(body=body, content_type="application/json")
+
+
+def _paging(request: web.Request) -> tuple[int, int]:
+    """The page asked for (from 1) and its size."""
+    page = params.int_param(request, "page") or params.int_param(request, "currentPage") or 1
+    size = params.int_param(request, "pageSize", PAGE_SIZE) or PAGE_SIZE
+    if size > MAX_PAGE_SIZE:
+        raise ApiError(400, f"pageSize must be {MAX_PAGE_SIZE} at most")
+    return page, size
+
+
+async def audit(request: web.Request) -> web.Response:
+    """The audit trail, newest first, a page at a time: sign-ins, denials, creates, kills."""
+    page, size = _paging(request)
+    records, total = await request.app[AUDIT].page((page - 1) * size, size)
+    entries = [
+        {
+            "id": record.id,
+            "at": iso(record.at),
+            "action": record.action.value,
+            "who": record.who,
+            "remote": record.remote,
+            "taskId": record.task_id,
+            "detail": record.detail,
+        }
+        for record in records
+    ]
+    return _json(
+        {"entries": entries, "total": total, "page": page, "pageSize": size, "pages": -(-total // size)}
+    )
 
 
 async def list_apps(request: web.Request) -> web.Response:
@@ -266,6 +300,7 @@ async def kill_task(request: web.Request) -> web.Response:
     """Stop a task's whole process tree; answers once it has ended (202 if it has not yet)."""
     service = request.app[SERVICE]
     task = await service.kill(params.task_id(request), by=_who(request))
+    request.app[AUDIT].record(AuditAction.KILL, _who(request), request.remote, _what(task), task.id)
     ended = await service.wait_ended(task, request.app[SETTINGS].kill_grace + _KILL_SETTLE)
     body = await request.app[ANSWERS].body(task, changed=False)
     return web.Response(body=body, content_type="application/json", status=200 if ended else 202)
@@ -290,15 +325,20 @@ async def create_task(request: web.Request) -> web.Response:
         variables=variables,
         stdout=_flag(fields, "stdout"),
     )
+    request.app[AUDIT].record(AuditAction.CREATE, _who(request), request.remote, _what(task), task.id)
     location = f"{tasks_url}{task.id}"
     data = await request.app[ANSWERS].body(task, changed=False)
     body = b'{"taskId": %d, "url": %s, "task": %s}' % (task.id, json.dumps(location).encode(), data)
     return web.Response(body=body, content_type="application/json", headers={"Location": location})
 
 
-def _who(request: web.Request) -> str | None:
-    """Who is asking: the client's address until authentication says who the user is."""
-    return request.remote
+def _who(request: web.Request) -> str:
+    """Who is asking: the identity (the client's address without authentication)."""
+    return request[IDENTITY].name
+
+
+def _what(task: Task) -> str:
+    return f"{task.app}/{task.env} {task.action}"
 
 
 def _refuse_route_clash(request: web.Request) -> None:
