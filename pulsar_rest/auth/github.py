@@ -70,14 +70,14 @@ class GitHubClient:
         api_url: str,
         service_login: str | None = None,
         service_token: str | None = None,
-        timeout: float = TIMEOUT,
+        timeout: float | None = None,
     ) -> None:
         self._session = session
         self._web_url = web_url.rstrip("/")
         # Paths are joined under the API's own path: GitHub Enterprise's /api/v3 stays.
         self._api_url = api_url.rstrip("/")
         self._service = (service_login, service_token) if service_login and service_token else None
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = aiohttp.ClientTimeout(total=TIMEOUT if timeout is None else timeout)
         self.calls = 0  # answers asked of GitHub, for the metrics and the tests
         self.failures = 0
 
