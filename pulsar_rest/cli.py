@@ -21,6 +21,7 @@ from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
 from pulsar_rest.store import StoreError
 from pulsar_rest.tls import TLSError, expiry_warning, server_context
+from pulsar_rest.web.accesslog import AccessLogger
 from pulsar_rest.web.app import create_app, shutdown
 from pulsar_rest.web.signin import SignInSetupError
 
@@ -131,6 +132,7 @@ async def serve(
         app,
         handler_cancellation=True,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        access_log_class=AccessLogger,
     )
     # The first fetch of the configuration repository may take up to git's timeout: a stop
     # asked for meanwhile does not wait for it.

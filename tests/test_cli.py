@@ -274,3 +274,17 @@ def test_https_with_the_dev_certificate(
         assert resp.status == 200
         assert json.load(resp)["url"] == f"https://localhost:{port}/"
     stop(proc)
+
+
+def test_the_access_log_never_shows_a_code_or_a_token(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    server = start("--access-log", "--shutdown-grace", "0")
+    log = tmp_path / "logs" / "pulsar-rest.log"
+    base = f"http://127.0.0.1:{listening_port(log, server)}"
+    call(f"{base}/status?code=c0de-s3cret&state=st4te-s3cret&access_token=t0ken-s3cret&page=2")
+    wait_for(lambda: "GET /status?" in log.read_text(), server, "the access log line")
+    text = log.read_text()
+    assert "s3cret" not in text
+    assert "/status?code=***&state=***&access_token=***&page=2" in text
+    stop(server)

@@ -248,3 +248,75 @@ def test_mistyped_flag_does_not_echo_its_value(secret: str) -> None:
         load_settings(["--auth-pasword", secret, "--prot=99"], environ={})
     assert "s3cr" not in str(caught.value) and "99" not in str(caught.value)
     assert "--auth-pasword" in str(caught.value) and "--prot" in str(caught.value)
+
+
+def test_grants_follow_the_method_unless_prefixed(tmp_path: Path) -> None:
+    settings = load_settings(
+        [
+            "--auth-write",
+            "deployers-org, user:alice",
+            "--auth-read",
+            "acme, team:acme/ops",
+            "--auth-method",
+            "org",
+        ],
+        {},
+    )
+    assert [str(g) for g in settings.auth_write] == ["org:deployers-org", "user:alice"]
+    assert [str(g) for g in settings.auth_read] == ["org:acme", "team:acme/ops"]
+    assert settings.auth
+    teams = load_settings([], {"PULSAR_REST_AUTH_WRITE": "acme/deployers", "PULSAR_REST_AUTH_METHOD": "team"})
+    assert [str(g) for g in teams.auth_write] == ["team:acme/deployers"]
+    from_file = load_settings(["--config", write(tmp_path, 'auth-read: "bob"\n')], {})
+    assert [str(g) for g in from_file.auth_read] == ["user:bob"]
+
+
+def test_our_tokens_alone_turn_authentication_on() -> None:
+    settings = load_settings(["--auth-provider", "token", "--host", "0.0.0.0"], {})
+    assert settings.auth and not settings.auth_write
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_open_on_loopback_without_authentication(host: str) -> None:
+    assert not load_settings(["--host", host], {}).auth
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "deploy.example.com"])
+def test_open_elsewhere_only_when_asked(host: str) -> None:
+    with pytest.raises(SettingsError, match=f"--host {host}: without authentication .* --allow-anonymous"):
+        load_settings(["--host", host], {})
+    assert load_settings(["--host", host, "--allow-anonymous"], {}).allow_anonymous
+    assert load_settings(["--host", host, "--auth-write", "alice"], {}).auth
+
+
+def test_secrets_from_files_are_read_and_never_shown(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text(f"{SECRET}\n")
+    client_secret = tmp_path / "client-secret"
+    client_secret.write_text(f"  {SECRET}-oauth \n")
+    settings = load_settings(
+        [
+            "--auth-write", "alice", "--auth-username", "bot", "--auth-password-file", str(password),
+            "--oauth-client-id", "Iv1.abc", "--oauth-client-secret-file", str(client_secret),
+        ],
+        {},
+    )  # fmt: skip
+    assert settings.auth_password == SECRET and settings.oauth_client_secret == f"{SECRET}-oauth"
+    assert SECRET not in repr(settings)
+    with pytest.raises(SettingsError, match="give one"):
+        load_settings(["--auth-password", "x", "--auth-password-file", str(password)], {})
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(SettingsError, match=f"--auth-password-file {empty} is empty"):
+        load_settings(["--auth-username", "bot", "--auth-password-file", str(empty)], {})
+
+
+@pytest.mark.parametrize("value", ["github.example.com", "ftp://x", "https://", "https://a b"])
+def test_github_urls_must_be_http_addresses(value: str) -> None:
+    with pytest.raises(SettingsError, match="must be an http:// or https:// address"):
+        load_settings(["--github-api-url", value], {})
+
+
+def test_github_enterprise_urls_lose_their_trailing_slash() -> None:
+    settings = load_settings(["--github-api-url", "https://ghe.example.com/api/v3/"], {})
+    assert settings.github_api_url == "https://ghe.example.com/api/v3"

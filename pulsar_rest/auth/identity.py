@@ -35,7 +35,6 @@ class Identity:
     name: str  # "alice", "token:deploy-bot"; the client's address without authentication
     role: Role | None  # the strongest role held; None: known, but granted nothing
     why_not: str = ""  # why the role is not write (or none): for the 403's message
-    kind: str = "github"  # "github", "token" or "anonymous"
 
     def allows(self, needed: Role) -> bool:
         return self.role is not None and self.role.allows(needed)
@@ -102,7 +101,7 @@ class Authenticator:
             raise Unauthenticated(f"the token {found.name} has expired")
         if found.last_used_at is None or now - found.last_used_at >= TOUCH_EVERY:
             self._store.token_used(key, now)
-        return Identity(found.identity, found.role, kind="token")
+        return Identity(found.identity, found.role)
 
     async def _ask_once(self, key: str, token: str) -> _Cached:
         # One question to GitHub per token at a time, shared by the page's streams and polls

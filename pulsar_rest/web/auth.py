@@ -81,7 +81,7 @@ class Gatekeeper:
     async def admit(self, request: web.Request, rule: Rule) -> None:
         """Leave the identity on the request, or raise the 401, 403 or 503 that refuses it."""
         if not self.settings.auth:
-            request[IDENTITY] = Identity(request.remote or "unknown", Role.WRITE, kind="anonymous")
+            request[IDENTITY] = Identity(request.remote or "unknown", Role.WRITE)
             return
         if "access_token" in request.query:
             raise ApiError(
