@@ -20,7 +20,8 @@ from typing import Any, Protocol, TypeVar
 
 from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.auth.grants import Role
-from pulsar_rest.auth.tokens import ApiToken, check_name, digest, new_token
+from pulsar_rest.auth.tokens import ApiToken, digest, new_token
+from pulsar_rest.names import check_name
 from pulsar_rest.output import LogWriter, OutputLog
 from pulsar_rest.tasks import Task, TaskStatus, utcnow
 
@@ -402,7 +403,13 @@ class TokenAdmin:
         try:
             self._db.execute(
                 "INSERT INTO api_tokens (name, digest, role, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (check_name(name), digest(token), role.value, utcnow().isoformat(), _iso(expires_at)),
+                (
+                    check_name("token", name),
+                    digest(token),
+                    role.value,
+                    utcnow().isoformat(),
+                    _iso(expires_at),
+                ),
             )
         except sqlite3.IntegrityError:
             raise TokenExists(

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from pulsar_rest.auth.grants import Role
-from pulsar_rest.auth.tokens import ApiToken, TokenNameError
+from pulsar_rest.auth.tokens import ApiToken
+from pulsar_rest.names import InvalidName
 from pulsar_rest.settings import SettingsError, load_settings
 from pulsar_rest.store import StoreError, TokenAdmin, TokenExists
 from pulsar_rest.tasks import utcnow
@@ -62,7 +63,7 @@ def main(argv: Sequence[str]) -> int:
             return _run(admin, args)
         finally:
             admin.close()
-    except (SettingsError, StoreError, TokenExists, TokenNameError) as exc:
+    except (SettingsError, StoreError, TokenExists, InvalidName) as exc:
         print(f"pulsar-rest token: {exc}", file=sys.stderr)
         return 2
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,14 +183,6 @@ def test_start_up_error_is_one_line(files: Files, case: str) -> None:
 def test_invalid_environment_variable_is_one_line() -> None:
     done = run(env=environ(PULSAR_REST_KILL_GRACE="soon"))
     assert_one_line_error(done, "PULSAR_REST_KILL_GRACE: 'soon' must be a number of seconds")
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 def test_port_in_use_is_one_line(busy_port: int, pulsar_bin: str) -> None:

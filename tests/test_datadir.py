@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,14 +69,6 @@ def test_a_second_server_on_the_same_data_directory_changes_nothing(
     assert call(f"{base}/task/{task['id']}")["status"] == "running"
     stop(first)
     assert not alive(task["pid"]) and not alive(grandchild)
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 def test_port_in_use_is_found_before_the_recovery_runs(start: Start, tmp_path: Path, busy_port: int) -> None:

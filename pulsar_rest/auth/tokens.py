@@ -4,7 +4,6 @@ once, kept only as a hash."""
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,20 +12,6 @@ from pulsar_rest.auth.grants import Role
 
 # A recognisable prefix lets secret scanners (GitHub's among them) find a leaked token.
 PREFIX = "prt_"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class TokenNameError(ValueError):
-    pass
-
-
-def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise TokenNameError(
-            f"{name[:70]!r} is not a token name: letters, digits, '.', '_' and '-', 64 at most, "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def new_token() -> str:
