@@ -126,3 +126,13 @@ async def test_the_task_shows_who_asked_for_its_kill_at_once(make_client: Client
     assert resp.status == 200
     killed = await resp.json()
     assert (killed["status"], killed["killedBy"]) == ("killed", "127.0.0.1")
+
+
+async def test_head_never_kills(client: Client) -> None:
+    task = await create(client, "hang")
+    await follow(client, task["id"], lambda t: "hanging" in t["output"])
+    resp = await client.head(f"/task/{task['id']}/kill")
+    assert resp.status == 405
+    assert (await client.get(f"/task/{task['id']}")).status == 200
+    assert alive(task["pid"])
+    assert (await client.post(f"/task/{task['id']}/kill")).status == 200

@@ -23,7 +23,8 @@ class Route:
     path: str
     handler: Handler
     rule: Rule
-    # Streams have no HEAD: their answer is the body, which HEAD must not send.
+    # Also HEAD for a GET: not for streams (their answer is the body, which HEAD must not
+    # send), nor for a GET that changes something.
     head: bool = True
 
 
@@ -52,7 +53,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", TASK + "/output", views.task_output, _READ),
     Route("GET", TASK + "/state", views.task_state, _READ),
     # Write: what changes tasks, and who did what.
-    Route("GET", TASK + "/kill", views.kill_task, _CHANGE),  # the documented form (not by cookie)
+    # The documented form (never by cookie), without HEAD: a link checker must not kill.
+    Route("GET", TASK + "/kill", views.kill_task, _CHANGE, head=False),
     Route("POST", TASK + "/kill", views.kill_task, _CHANGE),
     Route("GET", "/audit", views.audit, Rule(Access.WRITE)),
     # Last: it matches any two-segment path. An app named like the first segment of a
