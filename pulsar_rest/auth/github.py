@@ -51,6 +51,12 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Teams:
+    found: set[tuple[str, str]]  # (org, slug), lower case
+    partial: bool  # GitHub left out some organisations' teams (SAML single sign-on)
+
+
+@dataclass(frozen=True)
 class Membership:
     """What GitHub says of a user in an organisation or a team."""
 
@@ -151,11 +157,12 @@ class GitHubClient:
 
     async def team_membership(self, token: str, login: str, org: str, team: str) -> Membership:
         """Is `login` in `org`/`team`? The user's teams, every page of them; when GitHub
-        refuses the user's token, the service account asks the team itself."""
+        refuses the user's token, or leaves out the teams of organisations that enforce SAML
+        single sign-on the token is not authorised for, the service account asks the team."""
         teams = await self.teams(token)
-        if teams is not None:
-            if (org.lower(), team.lower()) in teams:
-                return Membership(True)
+        if teams is not None and (org.lower(), team.lower()) in teams.found:
+            return Membership(True)
+        if teams is not None and not teams.partial:
             return Membership(False, f"{login} is not a member of {org}/{team}")
         if self._service is not None:
             path = f"/orgs/{_segment(org)}/teams/{_segment(team)}/memberships/{_segment(login)}"
@@ -163,20 +170,30 @@ class GitHubClient:
             if asked.status == 200 and isinstance(asked.body, dict) and asked.body.get("state") == "active":
                 return Membership(True)
             return Membership(False, f"{login} is not a member of {org}/{team}")
+        if teams is not None:  # partial: GitHub left some organisations out
+            return Membership(
+                False,
+                f"GitHub would not say whether {login} is in {org}/{team}: an organisation enforces "
+                f"SAML single sign-on; authorise the token (or the OAuth app) for {org} on GitHub",
+            )
         return Membership(
             False, f"GitHub refused to list {login}'s teams (the token needs the read:org scope)"
         )
 
-    async def teams(self, token: str) -> set[tuple[str, str]] | None:
+    async def teams(self, token: str) -> Teams | None:
         """The user's teams as (org, slug), lower case, following every page; None when
         GitHub refuses to list them with this token."""
         found: set[tuple[str, str]] = set()
+        partial = False
         params: Mapping[str, str] | None = {"per_page": "100"}
         path = "/user/teams"
         for _ in range(MAX_PAGES):
             answer = await self._get(path, token, params)
             if answer.status != 200 or not isinstance(answer.body, list):
                 return None
+            # SAML single sign-on: the teams of organisations the token is not authorised
+            # for are left out, which GitHub says in this header.
+            partial = partial or answer.headers.get("X-GitHub-SSO", "").startswith("partial-results")
             for team in answer.body:
                 if isinstance(team, dict) and isinstance(team.get("organization"), dict):
                     found.add(
@@ -197,7 +214,7 @@ class GitHubClient:
                 break
             path = url.path[len(api.path.rstrip("/")) :]
             params = dict(url.query)
-        return found
+        return Teams(found, partial)
 
     async def exchange_code(self, client_id: str, client_secret: str, code: str, redirect_uri: str) -> str:
         """The OAuth web flow's last step: the code GitHub gave the browser, for a token."""

@@ -87,8 +87,14 @@ class Gatekeeper:
             raise ApiError(
                 400, "a token is never taken from the URL (URLs end up in logs): send Authorization"
             )
-        credential = await self._credential(request)
         needed = rule.access.role
+        try:
+            credential = await self._credential(request)
+        except ApiError:
+            if needed is not None:
+                raise
+            # An open route is served whatever the header: a proxy's own basic auth, say.
+            credential = None
         if credential is None:
             if needed is not None:
                 self._deny(request, None, "no credentials")
