@@ -123,8 +123,8 @@ class Gatekeeper:
             reason = f"{identity.name} has no {needed} role: {identity.why_not}"
             self._deny(request, identity.name, reason)
             raise ApiError(403, reason)
-        if credential.via == "cookie" and rule.changes:
-            await self._check_forgery(request, identity)
+        if credential.via == "cookie":
+            await self._check_forgery(request, identity, rule)
 
     async def still_admitted(self, request: web.Request, rule: Rule) -> bool:
         """For a stream or a long-poll that outlives the check made at its start: is its
@@ -151,14 +151,23 @@ class Gatekeeper:
         token = session.get(SESSION_TOKEN)
         return Credential(token, "cookie") if isinstance(token, str) and token else None
 
-    async def _check_forgery(self, request: web.Request, identity: Identity) -> None:
+    async def _check_forgery(self, request: web.Request, identity: Identity, rule: Rule) -> None:
+        """A request with the session cookie comes from this service's pages: never from
+        another origin (a WebSocket, which no CORS protects, included), and a change also
+        carries the session's CSRF token."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.lower() != self.origin(request):
+            reason = f"cross-origin request refused (Origin {origin[:100]!r})"
+            self._deny(request, identity.name, reason)
+            raise ApiError(403, reason)
+        if not rule.changes:
+            return
         if request.method != "POST":
             reason = "a browser session changes tasks with POST (and X-CSRF-Token) only"
             self._deny(request, identity.name, reason)
             raise ApiError(403, reason)
-        origin = request.headers.get("Origin")
-        if origin is None or origin.lower() != self.origin(request):
-            reason = f"cross-origin request refused (Origin {str(origin)[:100]!r})"
+        if origin is None:
+            reason = "cross-origin request refused: a change from a browser session must say its Origin"
             self._deny(request, identity.name, reason)
             raise ApiError(403, reason)
         session = await get_session(request)

@@ -16,11 +16,13 @@ import logging
 import os
 import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp.web_exceptions import NotAppKeyWarning
 from aiohttp_session import AbstractStorage, get_session, new_session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography import fernet
@@ -35,6 +37,10 @@ from pulsar_rest.web.keys import AUDIT, GATEKEEPER, SETTINGS, SIGN_IN
 from pulsar_rest.web.params import url
 
 log = logging.getLogger(__name__)
+
+# aiohttp-session keeps the session under a text key of the request, which aiohttp warns of
+# once: its own business, not a fault of ours.
+warnings.filterwarnings("ignore", category=NotAppKeyWarning, module="aiohttp_session")
 
 KEY_FILE = "session.key"  # in the data directory, when no --session-key-file is given
 STATE_COOKIE = "pulsar_oauth_state"
@@ -93,6 +99,23 @@ class RotatingCookieStorage(EncryptedCookieStorage):
         super().__init__(fernet.Fernet(keys[0]), **kwargs)  # type: ignore[arg-type]
         # MultiFernet has Fernet's encrypt() and decrypt(ttl=), all the storage uses.
         self._fernet = fernet.MultiFernet([fernet.Fernet(key) for key in keys])  # type: ignore[assignment]
+
+    def save_cookie(
+        self, response: web.StreamResponse, cookie_data: str, *, max_age: int | None = None
+    ) -> None:
+        if cookie_data:
+            super().save_cookie(response, cookie_data, max_age=max_age)
+            return
+        # Emptied with the attributes it was set with: a browser ignores the deletion of a
+        # __Host- cookie that does not say Secure (and the user would stay signed in).
+        params = self.cookie_params
+        response.del_cookie(
+            self.cookie_name,
+            path=params["path"],
+            secure=params["secure"],
+            httponly=params["httponly"],
+            samesite=params["samesite"],
+        )
 
 
 class SignIn:
@@ -226,7 +249,7 @@ async def callback(request: web.Request) -> web.Response:
         AuditAction.SIGN_IN, identity.name, request.remote, f"roles: {', '.join(identity.roles) or 'none'}"
     )
     response = web.Response(status=302, headers={"Location": saved.get("next") or "/"})
-    response.del_cookie(STATE_COOKIE, path="/")
+    response.del_cookie(STATE_COOKIE, path="/", secure=sign_in.secure, httponly=True, samesite="Lax")
     return response
 
 
