@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from pulsar_rest import tokencli
+from pulsar_rest import systemd, tokencli
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
@@ -159,8 +160,10 @@ async def serve(
         for url in urls:
             log.info("listening on %s", url)
         lock.announce(urls)
+        systemd.notify(f"READY=1\nSTATUS=listening on {', '.join(urls)}\nMAINPID={os.getpid()}")
         await stop.wait()
         log.info("stopping: new tasks refused, running tasks get %gs to end", settings.shutdown_grace)
+        systemd.notify("STOPPING=1")
         stop.clear()
         graceful = asyncio.ensure_future(shutdown(runner.app, settings.shutdown_grace))
         again = asyncio.ensure_future(stop.wait())

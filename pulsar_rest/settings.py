@@ -228,7 +228,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("auth-username", _text, "GitHub account that asks membership questions users cannot", "USER"),
     _Option("auth-password", _text, "its personal access token (rather --auth-password-file)", "TOKEN"),
     _Option("auth-password-file", _path, "file holding that personal access token", "FILE"),
-    _Option("auth-cache-ttl", _seconds(0, 86400), "seconds an answer of GitHub is reused", "SECONDS"),
+    # At least a second: a stream asks again at most this often, and GitHub has a rate limit.
+    _Option("auth-cache-ttl", _seconds(1, 86400), "seconds an answer of GitHub is reused", "SECONDS"),
     _Option("allow-anonymous", _bool, "without authentication, listen on other addresses than loopback"),
     _Option("github-url", _url, "GitHub's web address (its OAuth pages)", "URL"),
     _Option("github-api-url", _url, "GitHub's API (GitHub Enterprise: https://HOST/api/v3)", "URL"),

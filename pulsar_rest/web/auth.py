@@ -66,7 +66,6 @@ CHECKED_UNTIL = web.RequestKey("checked_until", float)  # loop time the identity
 SESSION_TOKEN = "token"  # noqa: S105 (a key's name)
 SESSION_CSRF = "csrf"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pulsar-rest"'}
-_SAFE = ("GET", "HEAD", "OPTIONS")
 
 
 class Gatekeeper:
@@ -116,7 +115,7 @@ class Gatekeeper:
             ) from None
         request[IDENTITY] = identity
         request[CREDENTIAL] = credential
-        request[CHECKED_UNTIL] = _now(request) + self.authenticator.ttl
+        request[CHECKED_UNTIL] = _now() + self.authenticator.ttl
         if needed is None:
             return
         if not identity.allows(needed):
@@ -131,13 +130,13 @@ class Gatekeeper:
         identity still valid for its route? Asked again once the answer's time is up."""
         if not self.settings.auth or rule.access.role is None:
             return True
-        if _now(request) < request[CHECKED_UNTIL]:
+        if _now() < request[CHECKED_UNTIL]:
             return True
         try:
             identity = await self.authenticator.identify(request[CREDENTIAL].token)
         except (Unauthenticated, GitHubUnavailable):
             return False  # after its time, an answer that cannot be had again fails closed
-        request[CHECKED_UNTIL] = _now(request) + self.authenticator.ttl
+        request[CHECKED_UNTIL] = _now() + self.authenticator.ttl
         request[IDENTITY] = identity
         return identity.allows(rule.access.role)
 
@@ -207,7 +206,7 @@ def _token_of(header: str) -> str:
     raise ApiError(401, "Authorization: send 'Bearer TOKEN' (or 'token TOKEN')", _CHALLENGE)
 
 
-def _now(request: web.Request) -> float:
+def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
