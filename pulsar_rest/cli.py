@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from pulsar_rest import systemd, tokencli
+from pulsar_rest import logfile, systemd, tokencli
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
@@ -27,9 +27,6 @@ from pulsar_rest.web.app import create_app, shutdown
 from pulsar_rest.web.signin import SignInSetupError
 
 log = logging.getLogger("pulsar_rest")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
 
 # aiohttp's default backlog: connections that wait to be accepted.
 LISTEN_BACKLOG = 128
@@ -53,11 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # touched nothing, least of all the first one's running tasks.
         lock = DataDirLock.claim(settings.data_dir)
         sockets = bind(settings.host, settings.port)
-        configure_logging(settings)
+        log_handler = logfile.configure(settings.log_dir, settings.log_format, settings.debug)
         if settings.tls and (warning := expiry_warning(settings)):
             log.warning("%s", warning)
-        return asyncio.run(serve(settings, ssl_context, sockets, lock))
-    except (SettingsError, TLSError, StartupError, DataDirError) as exc:
+        return asyncio.run(serve(settings, ssl_context, sockets, lock, log_handler))
+    except (SettingsError, TLSError, StartupError, DataDirError, logfile.LogFileError) as exc:
         print(f"pulsar-rest: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -98,30 +95,18 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def configure_logging(settings: Settings) -> None:
-    handler: logging.Handler
-    if settings.log_dir is None:
-        handler = logging.StreamHandler(sys.stdout)
-    else:
-        path = settings.log_dir / "pulsar-rest.log"
-        try:
-            settings.log_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path, encoding="utf-8")
-        except OSError as exc:
-            raise StartupError(f"--log-dir {settings.log_dir}: {exc.strerror or exc}") from None
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if settings.debug else logging.INFO)
-
-
 async def serve(
-    settings: Settings, ssl_context: ssl.SSLContext | None, sockets: list[socket.socket], lock: DataDirLock
+    settings: Settings,
+    ssl_context: ssl.SSLContext | None,
+    sockets: list[socket.socket],
+    lock: DataDirLock,
+    log_handler: logging.Handler,
 ) -> int:
     # handler_cancellation: a long-poll whose client went away is cancelled, which frees
     # its waiter at once instead of at its timeout.
     # Signals are handled before "listening" is logged: a supervisor may signal at once.
     stop = _stop_on_signals()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, logfile.reopen, log_handler)
     # The access log is off by default: formatting a log line costs more than answering a
     # long-poll (40% of a wake-up of 5,000 waiters), and the proxy in front logs requests.
     # Task creations and kills are always logged, with who asked.

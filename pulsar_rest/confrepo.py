@@ -94,6 +94,9 @@ class ConfigRepo:
         self._fetching: asyncio.Task[tuple[Path, str]] | None = None
         self._fetched_at = -1e18
         self._current: tuple[Path, str | None] | None = None
+        self.fetches = 0
+        self.failures = 0
+        self.last_error: str | None = None  # why the last fetch failed; None when it worked
         local = Path(self.url)
         self.plain_dir = (
             local if local.is_dir() and not (local / ".git").exists() and not _is_bare(local) else None
@@ -120,12 +123,18 @@ class ConfigRepo:
         return await asyncio.shield(self._fetching)
 
     async def _fetch(self) -> tuple[Path, str]:
+        self.fetches += 1
         try:
             self._current = await asyncio.to_thread(self._update)
-            self._fetched_at = asyncio.get_running_loop().time()
-            return self._current
+        except RepoUnavailable as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            raise
         finally:
             self._fetching = None
+        self.last_error = None
+        self._fetched_at = asyncio.get_running_loop().time()
+        return self._current
 
     def _update(self) -> tuple[Path, str]:
         try:

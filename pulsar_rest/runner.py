@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -150,11 +151,16 @@ class ChildProcess:
         if not await self._wait_gone(procs, 5.0):
             log.error("pid %d: processes survived SIGKILL: %s", self.pid, sorted(p.pid for p in procs))
 
+    async def processes(self) -> list[ProcessInfo]:
+        """The tree as it is now (see terminate), never a process of the server's own group."""
+        return await asyncio.to_thread(lambda: describe(self._tree()))
+
     def _tree(self) -> set[psutil.Process]:
         found: set[psutil.Process] = set()
+        ours = os.getpgrp()
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if proc.pid == os.getpid():
+                if proc.pid == os.getpid() or os.getpgid(proc.pid) == ours:
                     continue
                 if os.getpgid(proc.pid) == self.pgid or _has_marker(proc, self._marker):
                     found.add(proc)
@@ -182,6 +188,59 @@ class ChildProcess:
                 return False
             await asyncio.sleep(_GONE_POLL)
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    ppid: int
+    name: str
+    cmdline: list[str]
+    status: str
+    cpu_percent: float
+    rss: int  # bytes
+    started: float  # seconds since the epoch
+    environ: dict[str, str]
+
+
+# How long CPU use is measured over: a first reading of a process says nothing.
+CPU_SAMPLE = 0.1
+
+
+def describe(procs: set[psutil.Process]) -> list[ProcessInfo]:
+    """What each of `procs` is doing now, ordered by pid; gone ones are left out. Blocking:
+    it reads /proc and waits CPU_SAMPLE seconds to measure CPU use."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent(None)
+    time.sleep(CPU_SAMPLE)  # the measure's span, not a synchronisation
+    found: list[ProcessInfo] = []
+    for proc in sorted(procs, key=lambda p: p.pid):
+        try:
+            with proc.oneshot():
+                found.append(
+                    ProcessInfo(
+                        pid=proc.pid,
+                        ppid=proc.ppid(),
+                        name=proc.name(),
+                        cmdline=proc.cmdline(),
+                        status=proc.status(),
+                        cpu_percent=proc.cpu_percent(None),
+                        rss=proc.memory_info().rss,
+                        started=proc.create_time(),
+                        environ=_environ(proc),
+                    )
+                )
+        except psutil.Error:
+            continue  # ended meanwhile
+    return found
+
+
+def _environ(proc: psutil.Process) -> dict[str, str]:
+    try:
+        return dict(proc.environ())
+    except (psutil.Error, OSError):
+        return {}
 
 
 def kill_marked(markers: set[str]) -> int:

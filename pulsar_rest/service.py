@@ -5,13 +5,14 @@ runner together; knows nothing of HTTP."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
 import secrets
 import shutil
 import sys
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -115,6 +116,18 @@ def check_variables(variables: object) -> dict[str, str]:
     return dict(variables)
 
 
+# Environment variables whose values are never shown: a task's own variables, and names
+# that look like secrets.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def _redacted(environ: dict[str, str], variables: dict[str, str], values: set[str]) -> dict[str, str]:
+    return {
+        name: "***" if name in variables or _SECRET_NAME.search(name) or value in values else value
+        for name, value in environ.items()
+    }
+
+
 # How often old history is pruned by age (by count, it is after each task's end).
 PRUNE_EVERY = 3600.0
 
@@ -135,6 +148,10 @@ class TaskService:
         # Resolved when each running task ends: waits that go on while the bus is closed.
         self._ends: dict[int, asyncio.Future[None]] = {}
         self._closing = False
+        # For the metrics: counted since the start, read when scraped.
+        self.started = 0
+        self.output_bytes = 0
+        self.on_end: list[Callable[[Task], None]] = []  # told of each task's end
 
     def get(self, task_id: int) -> Task:
         task = self._tasks.get(task_id)
@@ -156,6 +173,13 @@ class TaskService:
             raise NoConfigRepo()
         tree, _ = await self._config.conf.current()
         return confrepo.apps(tree)
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks there are of each status (only statuses some task has)."""
+        counts: dict[str, int] = {}
+        for task in self._tasks.values():
+            counts[task.status.value] = counts.get(task.status.value, 0) + 1
+        return counts
 
     @property
     def running(self) -> int:
@@ -280,6 +304,22 @@ class TaskService:
             # Otherwise its start is under way, and _spawn sees the request.
         return task
 
+    async def processes(self, task_id: int, environment: bool = False) -> list[runner.ProcessInfo]:
+        """The live process tree of a running task (none once it has ended); with
+        `environment`, each process's environment, its secrets replaced by ***."""
+        task = self.get(task_id)
+        child = self._children.get(task_id)
+        if child is None or task.status.ended:
+            return []
+        found = await child.processes()
+        secrets_ = {value for value in task.variables.values() if value}
+        return [
+            dataclasses.replace(
+                proc, environ=_redacted(proc.environ, task.variables, secrets_) if environment else {}
+            )
+            for proc in found
+        ]
+
     async def wait_ended(self, task: Task, timeout: float) -> bool:
         """Wait until `task` has ended; False if it is still going after `timeout`."""
         ended = self._ends.get(task.id)
@@ -290,6 +330,11 @@ class TaskService:
         except TimeoutError:
             return False
         return True
+
+    @property
+    def accepting(self) -> bool:
+        """New tasks are taken: False once the server is stopping."""
+        return not self._closing
 
     def stop_accepting(self) -> None:
         """The server is stopping: new tasks are refused from now on."""
@@ -406,6 +451,7 @@ class TaskService:
             raise
         self._store.save(task)
         self._publish(task, EventKind.CHANGED)
+        self.started += 1
         log.info("task %d running, pid %d", task.id, child.pid)
         self._children[task.id] = child
         self._own(self._supervise(task, child))
@@ -423,6 +469,7 @@ class TaskService:
         if task.output.closed:
             return  # a process being stopped after its task was ended as never started
         task.output.feed(data, stream)  # published once in the file (on_written)
+        self.output_bytes += len(data)
         if task.output.backlog > BACKLOG_HIGH:
             child = self._children.get(task.id)
             if child is not None and task.id not in self._paused:
@@ -492,6 +539,8 @@ class TaskService:
         ended = self._ends.pop(task.id, None)
         if ended is not None:
             ended.set_result(None)
+        for told in self.on_end:
+            told(task)
         # Not one whose kill is under way: it is ending, though still `queued` for a moment.
         waiting = [
             t

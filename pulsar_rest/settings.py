@@ -71,6 +71,7 @@ class Settings:
     retain_days: float | None = None
     max_running: int | None = None
     access_log: bool = False
+    log_format: str = "text"
     debug: bool = False
 
     @property
@@ -262,6 +263,9 @@ _OPTIONS: tuple[_Option, ...] = (
         "N",
     ),
     _Option("access-log", _bool, "log every HTTP request (a proxy in front usually does)"),
+    _Option(
+        "log-format", _choice("text", "json"), "json: one object a line, for log collectors", "text|json"
+    ),
     _Option("debug", _bool, "debug logging, and tracebacks in 500 answers"),
 )
 

@@ -128,6 +128,9 @@ class TaskStore(Protocol):
     async def find_token(self, token_digest: str) -> ApiToken | None:
         """The API token with this digest, if it exists (not revoked)."""
 
+    async def ping(self) -> None:
+        """Raise if the database does not answer."""
+
     def token_used(self, token_digest: str, at: datetime) -> None:
         """Note when a token was last used, soon."""
 
@@ -299,6 +302,9 @@ class SqliteStore:
         self._db.execute("BEGIN")
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id in ids])
         self._db.execute("COMMIT")
+
+    async def ping(self) -> None:
+        await self._call(lambda: self._connection().execute("SELECT 1").fetchone())
 
     # -- tokens and the audit ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -278,4 +279,38 @@ def test_the_access_log_never_shows_a_code_or_a_token(
     text = log.read_text()
     assert "s3cret" not in text
     assert "/status?code=***&state=***&access_token=***&page=2" in text
+    stop(server)
+
+
+def test_sighup_reopens_the_log_that_logrotate_moved(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    server = start("--shutdown-grace", "0")
+    log = tmp_path / "logs" / "pulsar-rest.log"
+    base = f"http://127.0.0.1:{listening_port(log, server)}"
+    rotated = log.rename(log.with_name("pulsar-rest.log.1"))  # what logrotate does first
+    server.send_signal(signal.SIGHUP)  # its postrotate
+    wait_for(lambda: log.exists() and "log file reopened" in log.read_text(), server, "the new log file")
+    task = call(f"{base}/shop/production", {"action": "ok"})["task"]
+    wait_for(lambda: f"task {task['id']} created" in log.read_text(), server, "the task's line")
+    assert f"task {task['id']} created" not in rotated.read_text()
+    assert "listening on" in rotated.read_text()
+    stop(server)
+
+
+def test_json_log_lines(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
+    server = start("--log-format", "json", "--shutdown-grace", "0")
+    log = tmp_path / "logs" / "pulsar-rest.log"
+
+    def entries() -> list[dict[str, Any]]:
+        text = log.read_text() if log.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    wait_for(lambda: any("listening on" in e["message"] for e in entries()), server, "the listening line")
+    listening = next(e for e in entries() if "listening on" in e["message"])
+    assert set(listening) == {"time", "level", "logger", "message"} and listening["level"] == "INFO"
+    port = int(listening["message"].rsplit(":", 1)[1].rstrip("/"))
+    task = call(f"http://127.0.0.1:{port}/shop/production", {"action": "ok"})["task"]
+    wait_for(lambda: any(e.get("taskId") == task["id"] for e in entries()), server, "a line of the task")
+    assert all(isinstance(e["time"], str) and e["time"].endswith("+00:00") for e in entries())
     stop(server)

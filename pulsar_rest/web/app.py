@@ -15,12 +15,25 @@ from pulsar_rest.auth.github import GitHubClient
 from pulsar_rest.auth.identity import Authenticator
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
 from pulsar_rest.events import EventBus
+from pulsar_rest.metrics import Live, Metrics
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import SqliteStore
 from pulsar_rest.web.auth import Gatekeeper, auth_middleware
 from pulsar_rest.web.errors import error_middleware
-from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, GATEKEEPER, SERVICE, SETTINGS, SIGN_IN, STORE
+from pulsar_rest.web.keys import (
+    ANSWERS,
+    AUDIT,
+    BUS,
+    CONF,
+    GATEKEEPER,
+    METRICS,
+    SERVICE,
+    SETTINGS,
+    SIGN_IN,
+    STORE,
+)
+from pulsar_rest.web.monitoring import metrics_middleware
 from pulsar_rest.web.present import AnswerCache
 from pulsar_rest.web.routes import setup_routes
 from pulsar_rest.web.signin import SignIn, session_keys
@@ -43,9 +56,11 @@ def create_app(settings: Settings) -> web.Application:
         sign_in = SignIn(settings, session_keys(settings))
         sessions = [aiohttp_session.session_middleware(sign_in.storage)]
     app = web.Application(
-        middlewares=[error_middleware, *sessions, auth_middleware], client_max_size=MAX_BODY
+        middlewares=[metrics_middleware, error_middleware, *sessions, auth_middleware],
+        client_max_size=MAX_BODY,
     )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     if sign_in is not None:
         app[SIGN_IN] = sign_in
     setup_routes(app)
@@ -94,7 +109,9 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     )
     service = TaskService(store, bus, config, history.tasks)
     app[STORE] = store
+    app[CONF] = conf
     app[AUDIT] = Audit(store)
+    service.on_end.append(app[METRICS].task_ended)
     app[ANSWERS] = AnswerCache()
     app[BUS] = bus
     app[SERVICE] = service
@@ -125,9 +142,23 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
         ttl=settings.auth_cache_ttl,
     )
     app[GATEKEEPER] = Gatekeeper(settings, authenticator, app[AUDIT], github)
+    app[METRICS].watch(lambda: _live(app, github))
     yield
     if session is not None:
         await session.close()
+
+
+def _live(app: web.Application, github: GitHubClient | None) -> Live:
+    """The values the metrics read at a scrape."""
+    service, conf = app[SERVICE], app[CONF]
+    return Live(
+        tasks=service.counts(),
+        started=service.started,
+        output_bytes=service.output_bytes,
+        waiters=app[BUS].waiter_count,
+        github=None if github is None else (github.calls, github.failures),
+        fetches=None if conf is None or conf.plain_dir is not None else (conf.fetches, conf.failures),
+    )
 
 
 async def shutdown(app: web.Application, grace: float) -> None:

@@ -67,11 +67,12 @@ def error_response(
     trace: str | None = None,
     headers: Mapping[str, str] | None = None,
     task_id: int | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> web.Response:
     error: dict[str, object] = {"status": status, "message": message, "traceback": trace}
     if task_id is not None:
         error["taskId"] = task_id  # the task the error is about (the deploy in the way)
-    body = {"ok": False, "version": VERSION, "error": error}
+    body = {"ok": False, "version": VERSION, "error": error, **(extra or {})}
     return web.json_response(body, status=status, headers=headers)
 
 

@@ -8,7 +8,9 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from pulsar_rest.audit import Audit
+from pulsar_rest.confrepo import ConfigRepo
 from pulsar_rest.events import EventBus
+from pulsar_rest.metrics import Metrics
 from pulsar_rest.service import TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import SqliteStore
@@ -20,6 +22,8 @@ SERVICE = web.AppKey("service", TaskService)
 ANSWERS = web.AppKey("answers", AnswerCache)
 AUDIT = web.AppKey("audit", Audit)
 STORE = web.AppKey("store", SqliteStore)
+METRICS = web.AppKey("metrics", Metrics)
+CONF: web.AppKey[ConfigRepo | None] = web.AppKey("conf")  # None: no configuration repository
 
 if TYPE_CHECKING:  # they import these keys
     from pulsar_rest.web.auth import Gatekeeper, Rule

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from pulsar_rest.web import signin, streams, views
+from pulsar_rest.web import monitoring, signin, streams, views
 from pulsar_rest.web.auth import Access, Rule
 from pulsar_rest.web.keys import RULES
 
@@ -36,6 +36,7 @@ ROUTES: tuple[Route, ...] = (
     # Open: the page (which then asks to sign in), signing in and out, and health.
     Route("GET", "/", views.index, _OPEN),
     Route("GET", "/status", views.status, _OPEN),  # counts only, without the read role
+    Route("GET", "/health", monitoring.health, _OPEN),  # for load balancers
     Route("GET", "/login", signin.login, _OPEN),
     Route("GET", "/login/callback", signin.callback, _OPEN),
     Route("POST", "/logout", signin.logout, _OPEN),
@@ -52,6 +53,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", TASK + "/stream", streams.task_stream, _READ, head=False),
     Route("GET", TASK + "/output", views.task_output, _READ),
     Route("GET", TASK + "/state", views.task_state, _READ),
+    Route("GET", TASK + "/processes", monitoring.processes, _READ),  # environments: write only
+    Route("GET", "/metrics", monitoring.metrics, _READ),
+    Route("GET", "/host", monitoring.host, _READ),
     # Write: what changes tasks, and who did what.
     # The documented form (never by cookie), without HEAD: a link checker must not kill.
     Route("GET", TASK + "/kill", views.kill_task, _CHANGE, head=False),

@@ -63,10 +63,7 @@ async def status(request: web.Request) -> web.Response:
     """Health and load: for monitors, dashboards and the benchmark. Open to all, it shows
     the rest (waiting clients, the event cursor) only to the read role."""
     service, bus = request.app[SERVICE], request.app[BUS]
-    counts: dict[str, int] = {}
-    for task in service.tasks():
-        counts[task.status.value] = counts.get(task.status.value, 0) + 1
-    answer: dict[str, Any] = {"ok": True, "version": VERSION, "tasks": counts}
+    answer: dict[str, Any] = {"ok": True, "version": VERSION, "tasks": service.counts()}
     identity = request.get(IDENTITY)
     if identity is not None and identity.allows(Role.READ):
         answer.update(waiters=bus.waiter_count, seq=bus.seq)

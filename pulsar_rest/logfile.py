@@ -1,0 +1,70 @@
+"""The server's own log: stdout or `--log-dir/pulsar-rest.log`, as text or one JSON object a
+line (`--log-format json`) for log collectors; the file is reopened on SIGHUP, so logrotate
+can move it away (its `postrotate` sends the signal)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_NAME = "pulsar-rest.log"
+# Log lines about a task say so first ("task 12 running, pid 4242"): its id for JSON.
+_TASK = re.compile(r"\btask (\d+)\b")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        task = _TASK.search(message)
+        if task:
+            entry["taskId"] = int(task.group(1))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class LogFileError(RuntimeError):
+    pass
+
+
+def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Handler:
+    """Send every log line to stdout or the log file; the handler that does it."""
+    handler: logging.Handler
+    if log_dir is None:
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_dir / LOG_NAME, encoding="utf-8")
+        except OSError as exc:
+            raise LogFileError(f"--log-dir {log_dir}: {exc.strerror or exc}") from None
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
+
+
+def reopen(handler: logging.Handler) -> None:
+    """After logrotate moved the file away: write to a new file of the same name."""
+    if isinstance(handler, logging.FileHandler):
+        try:
+            stream = open(handler.baseFilename, "a", encoding="utf-8")  # noqa: SIM115 (the handler owns it)
+        except OSError as exc:
+            logging.getLogger(__name__).error("cannot reopen %s: %s", handler.baseFilename, exc.strerror)
+            return
+        old = handler.setStream(stream)
+        if old is not None:
+            old.close()
+        logging.getLogger(__name__).info("log file reopened")
