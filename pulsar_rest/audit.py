@@ -43,6 +43,10 @@ class AuditStore(Protocol):
         """Records newest first from `offset`, and how many there are in all."""
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Audit:
     def __init__(self, store: AuditStore) -> None:
         self._store = store
@@ -55,6 +59,7 @@ class Audit:
         detail: str = "",
         task_id: int | None = None,
     ) -> None:
+        detail = _printable(detail)  # no line breaks to forge lines with, in the log or out of it
         self._store.add_audit(AuditRecord(action, who, remote, detail, task_id))
         log.info(
             "%s%s by %s from %s%s",

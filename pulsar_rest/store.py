@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +181,8 @@ class SqliteStore:
     def _open(self) -> History:
         db = sqlite3.connect(self._data_dir / DB_NAME, isolation_level=None, check_same_thread=False)
         self._db = db
+        # Its own user's only: it holds who did what, and the hashes of the API tokens.
+        os.chmod(self._data_dir / DB_NAME, 0o600)
         # WAL: readers never wait for the writer, and a commit survives the process being
         # killed (synchronous=NORMAL loses at most the last commits on a power cut).
         db.execute("PRAGMA journal_mode=WAL")

@@ -95,6 +95,8 @@ class FakeGitHub:
         self.saml_orgs: set[str] = set()
         self.saml_authorized: set[str] = set()  # tokens granted access to the saml_orgs
         self.requests: list[Recorded] = []
+        # Answers a test puts first: each may answer a request (or None to let it pass).
+        self.overrides: list[Callable[[web.Request], web.Response | None]] = []
         self.hanging = 0  # requests waiting now in "hang" mode
         self._mode = "ok"
         self._release = asyncio.Event()
@@ -252,6 +254,10 @@ class FakeGitHub:
                 body,
             )
         )
+        for override in self.overrides:
+            answer = override(request)
+            if answer is not None:
+                return answer
         if request.path != "/login/oauth/authorize":
             if self._mode == "hang":
                 await self._hang()

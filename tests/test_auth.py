@@ -674,12 +674,16 @@ async def test_created_by_and_its_filter(authed: Client, admin: TokenAdmin) -> N
 # -- 8. /status -------------------------------------------------------------------------------------
 
 
-async def test_status_shows_more_to_readers(authed: Client) -> None:
+async def test_status_shows_more_to_readers(authed: Client, acme: FakeGitHub) -> None:
     for headers in ({}, bearer("gh-bad"), bearer(CAROL)):
         resp = await authed.get("/status", headers=headers)
         assert resp.status == 200
         assert set(await resp.json()) == {"ok", "version", "tasks"}, headers
+    # An open route never has GitHub asked about a token: anonymous callers cannot make the
+    # server spend GitHub's rate limit. A token GitHub vouched for lately is known, though.
+    assert acme.requests == []
     for token in (BOB, ALICE):
+        assert (await authed.get("/tasks", headers=bearer(token))).status == 200
         resp = await authed.get("/status", headers=bearer(token))
         assert resp.status == 200
         body = await resp.json()
@@ -744,3 +748,131 @@ async def test_no_secret_in_logs_or_data(
         assert digest(bot).encode() in stored  # what is kept instead: the scan sees the store
     for secret in secrets:
         assert secret not in caplog.text, f"{secret[:6]}... is in a log"
+
+
+# -- 10. what the security review found -----------------------------------------------------------
+
+
+class Clock:
+    """The authenticator's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_answer_holds_until_it_was_given_for_not_from_each_request(
+    github: FakeGitHub, admin: TokenAdmin, settings: Settings
+) -> None:
+    """A stream opened late in an answer's life is checked again when that answer expires,
+    not a whole TTL later; pulsar-rest's own tokens are looked up again within a second."""
+    import aiohttp as client_lib
+
+    from pulsar_rest.auth.github import GitHubClient
+    from pulsar_rest.auth.identity import Authenticator
+    from pulsar_rest.store import SqliteStore
+
+    github.add_user("bob", BOB)
+    clock = Clock()
+    store = SqliteStore(settings.data_dir)
+    await store.open()
+    own = admin.create("ci", Role.READ, None)
+    async with client_lib.ClientSession() as session:
+        authenticator = Authenticator(
+            store=store,
+            github=GitHubClient(session, github.url, github.api_url),
+            read=parse_grants("bob", "user"),
+            ttl=300,
+            clock=clock,
+        )
+        first = await authenticator.verdict(BOB)
+        clock.now += 200
+        later = await authenticator.verdict(BOB)
+        assert first is not None and later is not None
+        assert first.until == later.until == 1300.0
+        assert user_calls(github) == 1
+        ours = await authenticator.verdict(own)
+        assert ours is not None and ours.until == clock.now + 1.0
+    await store.close()
+
+
+async def test_made_up_tokens_never_push_out_real_users(
+    authed: Client, acme: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pulsar_rest.auth.identity.CACHE_SIZE", 4)
+    assert (await authed.get("/tasks", headers=bearer(BOB))).status == 200
+    for n in range(10):
+        assert (await authed.get("/tasks", headers=bearer(f"gh-made-up-{n}"))).status == 401
+    asked = user_calls(acme, BOB)
+    assert (await authed.get("/tasks", headers=bearer(BOB))).status == 200
+    assert user_calls(acme, BOB) == asked  # bob's answer is still kept
+
+
+async def test_anonymous_knocks_are_on_record_once_a_minute(authed: Client) -> None:
+    for _ in range(5):
+        assert (await authed.get("/tasks")).status == 401
+    resp = await authed.get("/audit", headers=bearer(ALICE))
+    entries = (await resp.json())["entries"]
+    assert [e["detail"] for e in entries] == ["GET /tasks: no credentials"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Basic " + base64.b64encode(b"abc\r\nX-Injected=1:x-oauth-basic").decode(),
+        "Basic " + base64.b64encode(b"abc\x00def:x-oauth-basic").decode(),
+        "Basic " + base64.b64encode(b"abc\x7fdef:x-oauth-basic").decode(),
+        "Bearer " + "x" * 5000,
+    ],
+    ids=["crlf", "nul", "del", "huge"],
+)
+async def test_a_token_that_is_no_token_is_401_never_500(
+    authed: Client, acme: FakeGitHub, header: str
+) -> None:
+    resp = await authed.get("/tasks", headers={"Authorization": header})
+    assert resp.status == 401
+    assert (await error(resp))["message"] == "Authorization: that is not a token"
+    assert (await authed.get("/status", headers={"Authorization": header})).status == 200
+    assert acme.requests == []
+    # The refusal is on record, like any other.
+    entries = (await (await authed.get("/audit", headers=bearer(ALICE))).json())["entries"]
+    assert any("that is not a token" in e["detail"] for e in entries)
+
+
+async def test_a_secondary_rate_limit_is_a_503_and_not_kept(
+    make_client: ClientFactory, acme: FakeGitHub, auth_settings: Settings
+) -> None:
+    client = await make_client(
+        auth_write=parse_grants("team:acme/deployers", "user"),
+        github_url=acme.url,
+        github_api_url=acme.api_url,
+    )
+
+    # GitHub's secondary limits come as a 403 with a message, without Retry-After.
+    def secondary(request: web.Request) -> web.Response | None:
+        if not request.path.endswith("/user/teams"):
+            return None
+        return web.json_response({"message": "You have exceeded a secondary rate limit."}, status=403)
+
+    acme.overrides.append(secondary)
+    resp = await client.get("/tasks", headers=bearer(ALICE))
+    assert resp.status == 503 and "rate limit" in (await error(resp))["message"]
+    acme.overrides.clear()
+    assert (await client.get("/tasks", headers=bearer(ALICE))).status == 200
+
+
+async def test_a_line_break_in_a_path_forges_no_audit_line(
+    authed: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pulsar_rest.audit")
+    assert (await authed.get("/task/1%0a2026-12-05 INFO pulsar_rest.audit: sign-in by admin")).status == 401
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+    entries = (await (await authed.get("/audit", headers=bearer(ALICE))).json())["entries"]
+    assert "\n" not in entries[-1]["detail"] and "%0a" in entries[-1]["detail"].lower()
+
+
+async def test_a_page_too_far_is_a_400(authed: Client) -> None:
+    resp = await authed.get("/audit", params={"page": "999999999999999999"}, headers=bearer(ALICE))
+    assert resp.status == 400

@@ -32,6 +32,7 @@ ALICE_TOKEN, BOB_TOKEN = "gh-alice-api-token", "gh-bob-api-token"
 SESSION = "pulsar_session"
 SECURE_SESSION = "__Host-pulsar_session"
 STATE = "pulsar_oauth_state"
+SECURE_STATE = "__Host-pulsar_oauth_state"  # on https: no sibling subdomain can plant one
 EXCHANGE = "/login/oauth/access_token"
 SSL_DIR = ROOT / "bin" / "ssl"
 
@@ -216,6 +217,7 @@ async def test_the_callback_refuses_a_wrong_missing_or_spent_state(browser: Clie
         ("/\\evil", "/"),
         ("/\\/evil.example", "/"),
         ("/\t/evil.example", "/"),
+        ("/\x7f", "/"),  # no character a Location header cannot hold
         ("/tasks?page=2", "/tasks?page=2"),
     ],
 )
@@ -247,8 +249,8 @@ async def test_cookies_behind_an_https_public_url(app_client: ClientFactory, acm
     resp = await start_login(client, "/apps")
     location = URL(resp.headers["Location"])
     assert location.query["redirect_uri"] == f"{public}/login/callback"
-    state = set_cookies(resp)[STATE]
-    assert state["secure"] is True and state["httponly"] is True
+    state = set_cookies(resp)[SECURE_STATE]
+    assert state["secure"] is True and state["httponly"] is True and STATE not in set_cookies(resp)
     acme.approve_as = "alice"
     callback = await authorize(str(location))
     assert str(callback.with_query(None)) == f"{public}/login/callback"
@@ -277,7 +279,7 @@ async def test_logout_over_https_deletes_the_host_cookie(app_client: ClientFacto
     login = await start_login(client)
     callback = await authorize(login.headers["Location"])
     resp = await client.get(
-        callback.path_qs, headers=cookie_header(set_cookies(login)[STATE]), allow_redirects=False
+        callback.path_qs, headers=cookie_header(set_cookies(login)[SECURE_STATE]), allow_redirects=False
     )
     session = set_cookies(resp)[SECURE_SESSION]
     resp = await client.post("/logout", headers=cookie_header(session))
@@ -308,7 +310,7 @@ async def test_cookies_over_real_tls(
         async with browser.get(base / "login", allow_redirects=False) as resp:
             assert resp.status == 302, await resp.text()
             location = resp.headers["Location"]
-            assert set_cookies(resp)[STATE]["secure"] is True
+            assert set_cookies(resp)[SECURE_STATE]["secure"] is True
         assert URL(location).query["redirect_uri"] == str(base / "login" / "callback")
         callback = await authorize(location)
         async with browser.get(callback, allow_redirects=False) as resp:
@@ -487,3 +489,21 @@ async def test_a_removed_member_loses_access_within_the_cache_ttl(
     # Still signed in, just without a role: /me says so.
     found = await me(browser)
     assert found["login"] == "bob" and found["roles"] == [] and "acme" in found["why"]
+
+
+async def test_logout_from_another_origin_is_refused(browser: Client, acme: FakeGitHub) -> None:
+    await sign_in(browser, acme, "alice")
+    resp = await browser.post("/logout", headers={"Origin": "https://sibling.example"})
+    assert "cross-origin" in await refused(resp, 403)
+    assert (await me(browser))["login"] == "alice"  # still signed in
+    assert (await browser.post("/logout", headers={"Origin": origin(browser)})).status == 200
+    await me(browser, expect=401)
+
+
+async def test_a_cookie_no_browser_of_ours_sent_is_no_session(app_client: ClientFactory) -> None:
+    client = await app_client(cookie_jar=aiohttp.DummyCookieJar())
+    # Bytes that are not UTF-8 in the session cookie (a sibling subdomain may plant one).
+    headers = {"Cookie": "pulsar_session=\udcff".encode("utf-8", "surrogateescape").decode("latin-1")}
+    assert (await client.get("/status", headers=headers)).status == 200
+    assert (await client.get("/", headers=headers)).status == 200
+    assert (await client.get("/tasks", headers=headers)).status == 401

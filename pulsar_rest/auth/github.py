@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 TIMEOUT = 5.0
 # A user in more teams than this is not looked through further (10,000 teams).
 MAX_PAGES = 100
+# GitHub's answers are small (a page of 100 teams is some 100 KiB): more is not GitHub.
+MAX_BODY = 4 * 1024 * 1024
+_RATE_LIMITED = re.compile(r"rate limit|abuse", re.IGNORECASE)
 _ACCEPT = "application/vnd.github+json"
 
 
@@ -43,7 +48,7 @@ class BadCredentials(LookupError):
 class Answer:
     status: int
     body: Any  # the JSON body, or None
-    headers: Mapping[str, str]
+    headers: CIMultiDictProxy[str]
 
     @property
     def message(self) -> str:
@@ -62,6 +67,7 @@ class Membership:
 
     member: bool
     why: str = ""  # when not a member, in words for the user
+    sure: bool = True  # False: GitHub would not say (it may say next time)
 
 
 def _segment(text: str) -> str:
@@ -104,8 +110,8 @@ class GitHubClient:
             async with self._session.request(
                 method, url, timeout=self._timeout, allow_redirects=False, **kwargs
             ) as resp:
-                raw = await resp.read()
-                headers = dict(resp.headers)
+                raw = await resp.content.read(MAX_BODY + 1)
+                headers = CIMultiDictProxy(CIMultiDict(resp.headers))  # names in any case
                 status = resp.status
         except TimeoutError:
             self.failures += 1
@@ -113,6 +119,9 @@ class GitHubClient:
         except aiohttp.ClientError as exc:
             self.failures += 1
             raise GitHubUnavailable(f"GitHub cannot be reached ({type(exc).__name__})") from None
+        if len(raw) > MAX_BODY:
+            self.failures += 1
+            raise GitHubUnavailable(f"GitHub's answer was over {MAX_BODY // 1024} KiB")
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
@@ -121,7 +130,14 @@ class GitHubClient:
         if status >= 500:
             self.failures += 1
             raise GitHubUnavailable(f"GitHub answered {status}")
-        if status in (403, 429) and (headers.get("X-RateLimit-Remaining") == "0" or "Retry-After" in headers):
+        if status == 429 or (
+            status == 403
+            and (
+                headers.get("X-RateLimit-Remaining") == "0"
+                or "Retry-After" in headers
+                or _RATE_LIMITED.search(answer.message)  # GitHub's secondary rate limits
+            )
+        ):
             self.failures += 1
             raise GitHubUnavailable("GitHub's rate limit is reached", _retry_after(headers))
         return answer
@@ -152,8 +168,10 @@ class GitHubClient:
                 return Membership(True)
             if asked.status == 404:
                 return Membership(False, f"{login} is not a member of {org}")
-            return Membership(False, f"the account of --auth-username cannot see the members of {org}")
-        return Membership(False, _refused(answer, f"whether {login} is a member of {org}", org))
+            return Membership(
+                False, f"the account of --auth-username cannot see the members of {org}", sure=False
+            )
+        return Membership(False, _refused(answer, f"whether {login} is a member of {org}", org), sure=False)
 
     async def team_membership(self, token: str, login: str, org: str, team: str) -> Membership:
         """Is `login` in `org`/`team`? The user's teams, every page of them; when GitHub
@@ -175,9 +193,10 @@ class GitHubClient:
                 False,
                 f"GitHub would not say whether {login} is in {org}/{team}: an organisation enforces "
                 f"SAML single sign-on; authorise the token (or the OAuth app) for {org} on GitHub",
+                sure=False,
             )
         return Membership(
-            False, f"GitHub refused to list {login}'s teams (the token needs the read:org scope)"
+            False, f"GitHub refused to list {login}'s teams (the token needs the read:org scope)", sure=False
         )
 
     async def teams(self, token: str) -> Teams | None:
@@ -239,7 +258,7 @@ class GitHubClient:
         raise BadCredentials(f"GitHub refused the sign-in code ({error})")
 
 
-def _retry_after(headers: Mapping[str, str]) -> int:
+def _retry_after(headers: CIMultiDictProxy[str]) -> int:
     if "Retry-After" in headers and headers["Retry-After"].isdigit():
         return int(headers["Retry-After"])
     reset = headers.get("X-RateLimit-Reset", "")

@@ -10,12 +10,12 @@ this service's origin; with a header it needs neither (a browser never adds one 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import enum
 import hmac
 import logging
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -48,6 +48,9 @@ class Access(enum.Enum):
 class Rule:
     access: Access
     changes: bool = False  # changes tasks: by the cookie, only as a POST with the CSRF token
+    # An open route that wants to know who asks even when GitHub must be asked (/me). Other
+    # open routes take a known identity only: anonymous requests never make GitHub calls.
+    identify: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ CHECKED_UNTIL = web.RequestKey("checked_until", float)  # loop time the identity
 SESSION_TOKEN = "token"  # noqa: S105 (a key's name)
 SESSION_CSRF = "csrf"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="pulsar-rest"'}
+_TOKEN = re.compile(r"[\x21-\x7e]{1,1024}")
+# Requests without credentials from one address are on record once in this many seconds.
+KNOCKS_EVERY = 60.0
 
 
 class Gatekeeper:
@@ -76,6 +82,7 @@ class Gatekeeper:
         self.authenticator = authenticator
         self.audit = audit
         self.github = github  # None: GitHub is not asked (no authentication, or our tokens only)
+        self._knocks: dict[str | None, float] = {}  # when each address was last refused unnamed
 
     async def admit(self, request: web.Request, rule: Rule) -> None:
         """Leave the identity on the request, or raise the 401, 403 or 503 that refuses it."""
@@ -89,18 +96,20 @@ class Gatekeeper:
         needed = rule.access.role
         try:
             credential = await self._credential(request)
-        except ApiError:
-            if needed is not None:
-                raise
-            # An open route is served whatever the header: a proxy's own basic auth, say.
-            credential = None
+        except ApiError as exc:
+            if needed is None:
+                return  # an open route is served whatever the header: a proxy's basic auth, say
+            self._deny(request, None, exc.message)
+            raise
         if credential is None:
             if needed is not None:
                 self._deny(request, None, "no credentials")
                 raise ApiError(401, "authentication required: sign in, or send a token", _CHALLENGE)
             return
         try:
-            identity = await self.authenticator.identify(credential.token)
+            verdict = await self.authenticator.verdict(
+                credential.token, cached_only=needed is None and not rule.identify
+            )
         except Unauthenticated as exc:
             if needed is None:
                 return  # an open route, for someone whose session has ended
@@ -109,13 +118,13 @@ class Gatekeeper:
         except GitHubUnavailable as exc:
             if needed is None:
                 return
-            headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
-            raise ApiError(
-                503, f"{exc}: who you are cannot be checked now, try again later", headers
-            ) from None
+            raise _unavailable(exc) from None
+        if verdict is None:
+            return  # an open route, and a token GitHub was not asked about lately
+        identity = verdict.identity
         request[IDENTITY] = identity
         request[CREDENTIAL] = credential
-        request[CHECKED_UNTIL] = _now() + self.authenticator.ttl
+        request[CHECKED_UNTIL] = verdict.until
         if needed is None:
             return
         if not identity.allows(needed):
@@ -125,20 +134,25 @@ class Gatekeeper:
         if credential.via == "cookie":
             await self._check_forgery(request, identity, rule)
 
-    async def still_admitted(self, request: web.Request, rule: Rule) -> bool:
-        """For a stream or a long-poll that outlives the check made at its start: is its
-        identity still valid for its route? Asked again once the answer's time is up."""
+    async def recheck(self, request: web.Request, rule: Rule) -> None:
+        """For a stream or a long-poll that outlives the check made at its start: raise the
+        401, 403 or 503 that would refuse it now. GitHub is asked again only once the
+        answer the check had has expired (--auth-cache-ttl)."""
         if not self.settings.auth or rule.access.role is None:
-            return True
-        if _now() < request[CHECKED_UNTIL]:
-            return True
+            return
+        if self.authenticator.clock() < request[CHECKED_UNTIL]:
+            return
         try:
-            identity = await self.authenticator.identify(request[CREDENTIAL].token)
-        except (Unauthenticated, GitHubUnavailable):
-            return False  # after its time, an answer that cannot be had again fails closed
-        request[CHECKED_UNTIL] = _now() + self.authenticator.ttl
-        request[IDENTITY] = identity
-        return identity.allows(rule.access.role)
+            verdict = await self.authenticator.verdict(request[CREDENTIAL].token)
+        except Unauthenticated as exc:
+            raise ApiError(401, f"your credentials are no longer valid: {exc}", _CHALLENGE) from None
+        except GitHubUnavailable as exc:  # after its time, an answer that cannot be had fails closed
+            raise _unavailable(exc) from None
+        assert verdict is not None
+        request[CHECKED_UNTIL] = verdict.until
+        request[IDENTITY] = verdict.identity
+        if not verdict.identity.allows(rule.access.role):
+            raise ApiError(403, f"{verdict.identity.name} has no {rule.access.role} role now")
 
     async def _credential(self, request: web.Request) -> Credential | None:
         header = request.headers.get("Authorization")
@@ -185,29 +199,44 @@ class Gatekeeper:
         return f"{request.scheme}://{request.host}".lower()
 
     def _deny(self, request: web.Request, who: str | None, reason: str) -> None:
-        self.audit.record(
-            AuditAction.DENIED, who, request.remote, f"{request.method} {request.path}: {reason}"
-        )
+        if who is None and reason == "no credentials" and not self._first_in_a_while(request.remote):
+            return  # an anonymous caller knocking again: once a minute is on record enough
+        # The path as it came (percent-encoded: no line breaks), and not all of it.
+        path = request.raw_path if len(request.raw_path) <= 200 else request.raw_path[:200] + "..."
+        self.audit.record(AuditAction.DENIED, who, request.remote, f"{request.method} {path}: {reason}")
+
+    def _first_in_a_while(self, remote: str | None) -> bool:
+        now = self.authenticator.clock()
+        if len(self._knocks) > 10_000:
+            self._knocks = {k: t for k, t in self._knocks.items() if now - t < KNOCKS_EVERY}
+        if now - self._knocks.get(remote, -KNOCKS_EVERY) < KNOCKS_EVERY:
+            return False
+        self._knocks[remote] = now
+        return True
 
 
 def _token_of(header: str) -> str:
     scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() in ("bearer", "token") and value:
-        return value
+    token = value.strip()
     if scheme.lower() == "basic":
         try:
-            user, _, second = base64.b64decode(value, validate=True).decode().partition(":")
+            user, _, second = base64.b64decode(token, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise ApiError(401, "Authorization: basic credentials that do not decode", _CHALLENGE) from None
-        if second == "x-oauth-basic" and user:
-            return user
-        raise ApiError(401, "Authorization: basic credentials must be TOKEN:x-oauth-basic", _CHALLENGE)
-    raise ApiError(401, "Authorization: send 'Bearer TOKEN' (or 'token TOKEN')", _CHALLENGE)
+        if second != "x-oauth-basic":
+            raise ApiError(401, "Authorization: basic credentials must be TOKEN:x-oauth-basic", _CHALLENGE)
+        token = user
+    elif scheme.lower() not in ("bearer", "token"):
+        raise ApiError(401, "Authorization: send 'Bearer TOKEN' (or 'token TOKEN')", _CHALLENGE)
+    # A token is printable ASCII: anything else is no token (and must not reach a header).
+    if not _TOKEN.fullmatch(token):
+        raise ApiError(401, "Authorization: that is not a token", _CHALLENGE)
+    return token
 
 
-def _now() -> float:
-    return asyncio.get_running_loop().time()
+def _unavailable(exc: GitHubUnavailable) -> ApiError:
+    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return ApiError(503, f"{exc}: who you are cannot be checked now, try again later", headers)
 
 
 @web.middleware
@@ -222,7 +251,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     gatekeeper = request.app[GATEKEEPER]
     await gatekeeper.admit(request, rule)
     response = await handler(request)
-    # A long-poll answered after the identity's time is up: it must still hold.
-    if not response.prepared and not await gatekeeper.still_admitted(request, rule):
-        raise ApiError(401, "your credentials are no longer valid", _CHALLENGE)
+    # A long-poll answered after the identity's time is up must still be allowed. Not a
+    # change: it was made, and a refusal now would have the client make it again.
+    if not response.prepared and not rule.changes:
+        await gatekeeper.recheck(request, rule)
     return response

@@ -102,6 +102,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         for kind, status in _DOMAIN_ERRORS:
             if isinstance(exc, kind):
                 return error_response(status, str(exc), task_id=getattr(exc, "task_id", None))
-        log.exception("error answering %s %s", request.method, request.path)
+        log.exception("error answering %s %s", request.method, request.raw_path)
         trace = traceback.format_exc() if request.app[SETTINGS].debug else None
         return error_response(500, "internal error: see the server log", trace=trace)

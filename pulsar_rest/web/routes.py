@@ -40,7 +40,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/login", signin.login, _OPEN),
     Route("GET", "/login/callback", signin.callback, _OPEN),
     Route("POST", "/logout", signin.logout, _OPEN),
-    Route("GET", "/me", signin.me, _OPEN),  # 401 when nobody is signed in
+    Route("GET", "/me", signin.me, Rule(Access.OPEN, identify=True)),  # 401 when nobody is signed in
     # Read: everything that shows tasks.
     Route("GET", "/apps", views.list_apps, _READ),
     Route("GET", "/tasks", views.list_tasks, _READ),

@@ -17,13 +17,14 @@ import os
 import secrets
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.web_exceptions import NotAppKeyWarning
-from aiohttp_session import AbstractStorage, get_session, new_session
+from aiohttp_session import AbstractStorage, Session, get_session, new_session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography import fernet
 
@@ -45,6 +46,7 @@ warnings.filterwarnings("ignore", category=NotAppKeyWarning, module="aiohttp_ses
 KEY_FILE = "session.key"  # in the data directory, when no --session-key-file is given
 STATE_COOKIE = "pulsar_oauth_state"
 STATE_TTL = 600  # seconds a sign-in may take at GitHub
+MAX_SIGN_INS = 100_000  # sign-ins begun within STATE_TTL, beyond which they wait
 SCOPE = "read:org"  # enough to see the user's private organisation and team memberships
 
 
@@ -100,6 +102,12 @@ class RotatingCookieStorage(EncryptedCookieStorage):
         # MultiFernet has Fernet's encrypt() and decrypt(ttl=), all the storage uses.
         self._fernet = fernet.MultiFernet([fernet.Fernet(key) for key in keys])  # type: ignore[assignment]
 
+    async def load_session(self, request: web.Request) -> Session:
+        try:
+            return await super().load_session(request)
+        except (UnicodeError, ValueError):  # a cookie no browser of ours sent: no session
+            return Session(None, data=None, new=True, max_age=self.max_age)
+
     def save_cookie(
         self, response: web.StreamResponse, cookie_data: str, *, max_age: int | None = None
     ) -> None:
@@ -123,8 +131,11 @@ class SignIn:
         self.settings = settings
         self._fernet = fernet.MultiFernet([fernet.Fernet(key) for key in keys])
         self.secure = settings.tls or (settings.public_url or "").startswith("https://")
-        # A used state is refused again for as long as its cookie could be replayed.
-        self._used: dict[str, float] = {}
+        # A used state is refused again for as long as its cookie could be replayed: the
+        # states, and when each may be forgotten, oldest first.
+        self._used: set[str] = set()
+        self._used_order: deque[tuple[float, str]] = deque()
+        self.state_cookie = f"__Host-{STATE_COOKIE}" if self.secure else STATE_COOKIE
         self.storage: AbstractStorage = RotatingCookieStorage(
             keys,
             # __Host-: the browser keeps it to this host, on https, for every path.
@@ -150,10 +161,14 @@ class SignIn:
     def spend(self, state: str) -> bool:
         """Mark `state` used; False if it was already."""
         now = time.monotonic()
-        self._used = {s: until for s, until in self._used.items() if until > now}
+        while self._used_order and self._used_order[0][0] <= now:
+            self._used.discard(self._used_order.popleft()[1])
         if state in self._used:
             return False
-        self._used[state] = now + STATE_TTL
+        if len(self._used) >= MAX_SIGN_INS:
+            raise ApiError(503, "too many sign-ins in the last minutes: try again later")
+        self._used.add(state)
+        self._used_order.append((now + STATE_TTL, state))
         return True
 
     def callback_url(self, request: web.Request) -> str:
@@ -173,10 +188,11 @@ def _sign_in(request: web.Request) -> SignIn:
 
 
 def safe_next(value: str | None) -> str:
-    """Where to go after signing in: a path of this service only, never another site."""
-    if not value or not value.startswith("/") or value.startswith(("//", "/\\")):
+    """Where to go after signing in: a path of this service only, never another site (nor
+    a character a Location header cannot hold)."""
+    if not value or not value.startswith("/") or value.startswith("//"):
         return "/"
-    if any(ord(c) < 32 or c == "\\" for c in value):
+    if not all(0x21 <= ord(c) <= 0x7E and c != "\\" for c in value):
         return "/"
     return value
 
@@ -198,7 +214,7 @@ async def login(request: web.Request) -> web.Response:
     )
     sealed = sign_in.seal({"state": state, "next": safe_next(request.query.get("next"))})
     response.set_cookie(
-        STATE_COOKIE,
+        sign_in.state_cookie,
         sealed,
         max_age=STATE_TTL,
         path="/",
@@ -213,7 +229,7 @@ async def callback(request: web.Request) -> web.Response:
     """GitHub sends the browser back here with a code and the state it was given."""
     sign_in = _sign_in(request)
     settings = request.app[SETTINGS]
-    saved = sign_in.unseal(request.cookies.get(STATE_COOKIE))
+    saved = sign_in.unseal(request.cookies.get(sign_in.state_cookie))
     given = request.query.get("state", "")
     if saved is None or not isinstance(saved.get("state"), str):
         _refuse(request, "the sign-in state is missing or expired: sign in again")
@@ -249,7 +265,7 @@ async def callback(request: web.Request) -> web.Response:
         AuditAction.SIGN_IN, identity.name, request.remote, f"roles: {', '.join(identity.roles) or 'none'}"
     )
     response = web.Response(status=302, headers={"Location": saved.get("next") or "/"})
-    response.del_cookie(STATE_COOKIE, path="/", secure=sign_in.secure, httponly=True, samesite="Lax")
+    response.del_cookie(sign_in.state_cookie, path="/", secure=sign_in.secure, httponly=True, samesite="Lax")
     return response
 
 
@@ -259,8 +275,11 @@ def _refuse(request: web.Request, reason: str) -> NoReturn:
 
 
 async def logout(request: web.Request) -> web.Response:
-    """End the browser's session (its cookie is emptied)."""
+    """End the browser's session (its cookie is emptied); from this service's pages only."""
     _sign_in(request)
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != request.app[GATEKEEPER].origin(request):
+        raise ApiError(403, f"cross-origin request refused (Origin {origin[:100]!r})")
     session = await get_session(request)
     who = session.get("login")
     if who:

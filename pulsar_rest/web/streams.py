@@ -42,7 +42,15 @@ _UNAUTHORIZED = {"message": "your credentials are no longer valid: sign in again
 
 def _guard(request: web.Request) -> Guard:
     rule = request.app[RULES][request.match_info.route]
-    return lambda: request.app[GATEKEEPER].still_admitted(request, rule)
+
+    async def still_admitted() -> bool:
+        try:
+            await request.app[GATEKEEPER].recheck(request, rule)
+        except ApiError:
+            return False
+        return True
+
+    return still_admitted
 
 
 def _sse(event: str, data: Any, event_id: int | None = None) -> bytes:

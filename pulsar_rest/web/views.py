@@ -73,6 +73,7 @@ async def status(request: web.Request) -> web.Response:
 # Tasks in one page of GET /tasks, by default and at most.
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_PAGE = 1_000_000_000  # an offset a database can hold
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -120,6 +121,8 @@ def _paging(request: web.Request) -> tuple[int, int]:
     size = params.int_param(request, "pageSize", PAGE_SIZE) or PAGE_SIZE
     if size > MAX_PAGE_SIZE:
         raise ApiError(400, f"pageSize must be {MAX_PAGE_SIZE} at most")
+    if page > MAX_PAGE:
+        raise ApiError(400, f"page must be {MAX_PAGE:,} at most")
     return page, size
 
 
