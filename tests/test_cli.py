@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -313,4 +314,34 @@ def test_json_log_lines(start: Callable[..., subprocess.Popen[str]], tmp_path: P
     task = call(f"http://127.0.0.1:{port}/shop/production", {"action": "ok"})["task"]
     wait_for(lambda: any(e.get("taskId") == task["id"] for e in entries()), server, "a line of the task")
     assert all(isinstance(e["time"], str) and e["time"].endswith("+00:00") for e in entries())
+    stop(server)
+
+
+def test_the_logrotate_example_rotates_a_running_server(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """config/logrotate, pointed at this test's log and with its postrotate signalling this
+    server rather than systemd's unit, run by Debian's logrotate."""
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    assert Path(logrotate).exists(), "logrotate is missing: apt-get install logrotate (.ci/run does)"
+    server = start("--shutdown-grace", "0")
+    log = tmp_path / "logs" / "pulsar-rest.log"
+    base = f"http://127.0.0.1:{listening_port(log, server)}"
+    example = (ROOT / "config" / "logrotate").read_text()
+    assert "/var/log/pulsar-rest/pulsar-rest.log {" in example and "systemctl kill" in example
+    config = example.replace("/var/log/pulsar-rest/pulsar-rest.log", str(log))
+    config = re.sub(r"systemctl kill .*\n", f"kill -HUP {server.pid}\n", config)
+    config = re.sub(r"\n\s*create .*\n", "\n", config)  # no pulsar-rest user here
+    (tmp_path / "logrotate.conf").write_text(config)
+    subprocess.run(
+        [logrotate, "--force", "--state", str(tmp_path / "state"), str(tmp_path / "logrotate.conf")],
+        check=True,
+        timeout=TIMEOUT,
+    )
+    rotated = log.with_name("pulsar-rest.log.1")  # delaycompress: the newest is not compressed yet
+    assert "listening on" in rotated.read_text()
+    wait_for(lambda: log.exists() and "log file reopened" in log.read_text(), server, "the new log file")
+    task = call(f"{base}/shop/production", {"action": "ok"})["task"]
+    wait_for(lambda: f"task {task['id']} created" in log.read_text(), server, "the task's line")
+    assert f"task {task['id']} created" not in rotated.read_text()
     stop(server)
