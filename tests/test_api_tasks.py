@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
-from tests.conftest import Client, ClientFactory, create, finished, follow, get_json, release
+from pulsar_rest.web.keys import SERVICE
+from tests.conftest import Client, ClientFactory, create, eventually, finished, follow, get_json, release
 
 
 async def test_create_answers_task_id_location_and_runs_pulsar(client: Client) -> None:
@@ -195,3 +196,32 @@ async def test_status_counts_tasks_and_waiters(client: Client, gates: Path) -> N
     release(gates, "st")
     await finished(client, task_id)
     assert (await (await client.get("/status")).json())["tasks"] == {"finished": 1}
+
+
+async def test_wait_answers_once_the_task_has_ended(client: Client) -> None:
+    resp = await client.post("/app/prod", json={"action": "lines[3]", "wait": True})
+    assert resp.status == 200
+    task = (await resp.json())["task"]
+    assert task["status"] == "finished" and task["output"].startswith("line 1\n")
+    resp = await client.post("/app/prod", data={"action": "fail", "wait": "true"})
+    assert resp.status == 200 and (await resp.json())["task"]["status"] == "failed"
+
+
+async def test_wait_past_its_time_is_a_202_to_poll(client: Client, gates: Path) -> None:
+    resp = await client.post("/app/prod", params={"timeout": "0.2"}, json={"action": "gate[w]", "wait": "1"})
+    assert resp.status == 202
+    body = await resp.json()
+    assert body["task"]["status"] == "running"
+    assert resp.headers["Location"].endswith(f"/task/{body['taskId']}")
+    release(gates, "w")
+    assert (await finished(client, body["taskId"]))["status"] == "finished"
+
+
+async def test_wait_ends_with_a_kill(client: Client) -> None:
+    waiting = asyncio.ensure_future(client.post("/app/prod", json={"action": "hang", "wait": True}))
+    await eventually(lambda: client.app is not None and client.app[SERVICE].running == 1, what="the task")
+    assert client.app is not None
+    (task,) = [t for t in client.app[SERVICE].tasks() if t.status.going]
+    assert (await client.post(f"/task/{task.id}/kill")).status == 200
+    resp = await waiting
+    assert resp.status == 200 and (await resp.json())["task"]["status"] == "killed"

@@ -307,10 +307,14 @@ async def kill_task(request: web.Request) -> web.Response:
 
 
 async def create_task(request: web.Request) -> web.Response:
-    """POST /:app/:env with the task name as `action` (or `task`) in the body or query."""
+    """POST /:app/:env with the task name as `action` (or `task`) in the body or query.
+    With `wait=true`, the answer comes once the task has ended (200), or after the
+    long-poll's time with 202 and the task as it is (its Location says where to poll)."""
     _refuse_route_clash(request)
     tasks_url = params.url(request, "/task/")  # a bad Host header is a 400 before any task
+    wait = params.timeout(request)  # a bad timeout is a 400 before any task, too
     fields, variables = await _fields(request)
+    waits = _flag(fields, "wait")
     names = {fields[key] for key in ("action", "task") if key in fields}
     if not names:
         raise ApiError(400, "missing task name: send it as 'action' (or 'task')")
@@ -327,9 +331,16 @@ async def create_task(request: web.Request) -> web.Response:
     )
     request.app[AUDIT].record(AuditAction.CREATE, _who(request), request.remote, _what(task), task.id)
     location = f"{tasks_url}{task.id}"
+    # The task goes on whatever becomes of this wait (a client gone, the time up).
+    ended = not waits or await request.app[SERVICE].wait_ended(task, wait)
     data = await request.app[ANSWERS].body(task, changed=False)
     body = b'{"taskId": %d, "url": %s, "task": %s}' % (task.id, json.dumps(location).encode(), data)
-    return web.Response(body=body, content_type="application/json", headers={"Location": location})
+    return web.Response(
+        body=body,
+        content_type="application/json",
+        headers={"Location": location},
+        status=200 if ended else 202,
+    )
 
 
 def _who(request: web.Request) -> str:
@@ -407,10 +418,10 @@ async def _read(body: Awaitable[T]) -> T:
 
 
 def _merge(fields: dict[str, str], source: MultiMapping[Any] | dict[str, Any], where: str) -> None:
-    for key in ("action", "task", "queue", "stdout"):
+    for key in ("action", "task", "queue", "stdout", "wait"):
         if key in source:
             value = source[key]
-            if key in ("queue", "stdout") and isinstance(value, bool):
+            if key in ("queue", "stdout", "wait") and isinstance(value, bool):
                 value = str(value).lower()  # JSON true/false
             if not isinstance(value, str):
                 raise ApiError(400, f"{key!r} in the {where} must be a string")
