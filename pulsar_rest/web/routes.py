@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from pulsar_rest.web import monitoring, signin, streams, views
+from pulsar_rest.web import monitoring, openapi, signin, streams, views
 from pulsar_rest.web.auth import Access, Rule
 from pulsar_rest.web.keys import RULES
 
@@ -37,6 +37,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/", views.index, _OPEN),
     Route("GET", "/status", views.status, _OPEN),  # counts only, without the read role
     Route("GET", "/health", monitoring.health, _OPEN),  # for load balancers
+    Route("GET", "/openapi.json", openapi.document, _OPEN),
     Route("GET", "/login", signin.login, _OPEN),
     Route("GET", "/login/callback", signin.callback, _OPEN),
     Route("POST", "/logout", signin.logout, _OPEN),

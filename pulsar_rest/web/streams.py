@@ -192,6 +192,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     bus, service = request.app[BUS], request.app[SERVICE]
     cursor = params.int_param(request, "since")
     ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].keepalive)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "GET /websocket is a WebSocket: send Upgrade: websocket (and its handshake)")
     await ws.prepare(request)
     if cursor is None:
         cursor = bus.seq
