@@ -89,11 +89,15 @@ class Api:
         headers: dict[str, str] | None = None,
         raw: bool = False,
         wait: float = 0.0,
+        idempotent: bool = True,
     ) -> Answer:
         """One request, tried again with back-off while the server cannot be reached or
         answers 502, 503 or 504 (a server stopping, a proxy in front of one that restarts,
         GitHub out of reach), for up to `retry_for` seconds, saying each time why. A 401
-        or 403 is a ClientError with code 4; other refusals are answered, for the caller."""
+        or 403 is a ClientError with code 4; other refusals are answered, for the caller.
+        Not `idempotent` (a create): tried again only when it surely did not reach the
+        server (no connection, or pulsar-rest's own 503 saying to try later): never made
+        twice."""
         assert self._session is not None
         url = self.url.join(URL(path.lstrip("/")))
         timeout = aiohttp.ClientTimeout(total=wait + SLACK, connect=10)
@@ -111,10 +115,22 @@ class Api:
                     answer = Answer(resp.status, body, dict(resp.headers))
                 if answer.status in (401, 403):
                     raise ClientError(AUTH_REFUSED, _message(answer))
-                if answer.status not in (502, 503, 504):
+                if not _passing(answer) or (not idempotent and not _ours(answer)):
                     return answer
                 reason = f"{answer.status}: {_message(answer)}"
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise ClientError(
+                    UNREACHABLE,
+                    f"{self.url}: its TLS certificate is not trusted ({exc.certificate_error}); "
+                    "give --ca-cert FILE for a private CA",
+                ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                if not idempotent and not isinstance(exc, aiohttp.ClientConnectorError):
+                    raise ClientError(
+                        UNREACHABLE,
+                        f"{self.url}: the answer was lost ({_describe(exc)}): the task may have been "
+                        "created; see pulsar-rest tasks",
+                    ) from None
                 reason = _describe(exc)
             waited = time.monotonic() - started
             if waited + pause > self._retry_for:
@@ -142,10 +158,33 @@ def _message(answer: Answer) -> str:
     return f"HTTP {answer.status}"
 
 
+def _passing(answer: Answer) -> bool:
+    """An answer that says to try again: a proxy's 502 or 504 (the server restarting behind
+    it), a 503 of a proxy, or pulsar-rest's 503 with Retry-After (stopping, too busy, its
+    configuration repository or GitHub out of reach). A 503 without it is for good."""
+    if answer.status in (502, 504):
+        return True
+    return answer.status == 503 and ("Retry-After" in answer.headers or not _ours(answer))
+
+
+def _ours(answer: Answer) -> bool:
+    """The answer is pulsar-rest's own (its error envelope), not a proxy's."""
+    return isinstance(answer.body, dict) and answer.body.get("ok") is False and "error" in answer.body
+
+
 def _describe(exc: BaseException) -> str:
+    """What went wrong, in words."""
     if isinstance(exc, TimeoutError):
         return "no answer in time"
-    return str(exc).split(" [")[0] or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return exc.strerror or "a network error"
+    return type(exc).__name__
 
 
 def check(answer: Answer) -> Any:

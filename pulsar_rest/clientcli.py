@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
 from pulsar_rest.client import ANSI, EXIT_CODES, POLL, USAGE, Api, ClientError, check, target_path, task_path
+from pulsar_rest.settings import without_values
 
 COMMANDS = ("run", "logs", "tasks", "kill", "apps")
 TIMEOUT_REACHED = 3
@@ -30,8 +31,14 @@ TAIL_BLOCK = 64 * 1024
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: Any) -> None:
+        # No abbreviations: `--token SECRET` must not pass for `--token-file SECRET`.
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> NoReturn:
-        raise ClientError(USAGE, f"{message} (see pulsar-rest {self.prog.split()[-1]} --help)")
+        raise ClientError(
+            USAGE, f"{without_values(message)} (see pulsar-rest {self.prog.split()[-1]} --help)"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pulsar-rest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", parents=[server, follow], help="start a task (and follow it)")
     run.add_argument("app")
     run.add_argument("env")
@@ -178,7 +185,8 @@ async def _follow_command(api: Api, args: argparse.Namespace, say: Progress) -> 
         variables = dict(_variable(item) for item in args.var)
         if variables:
             body["taskVariables"] = variables
-        created = check(await api.call("POST", target_path(args.app, args.env), json_body=body))
+        where = target_path(args.app, args.env)
+        created = check(await api.call("POST", where, json_body=body, idempotent=False))
         task = created["task"]
         print(
             f"task {task['id']}: {created['url']}", file=sys.stderr if args.follow else sys.stdout, flush=True

@@ -270,25 +270,30 @@ _OPTIONS: tuple[_Option, ...] = (
 )
 
 
+def without_values(message: str) -> str:
+    """argparse's message, with only the flags' names of what it did not recognise: a
+    mistyped --auth-pasword (or --token) must not print the secret after it, whatever it
+    looks like, so what follows a flag without "=" is skipped."""
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return message
+    flags: list[str] = []
+    value_next = False
+    for arg in message[len(prefix) :].split():
+        if value_next:
+            value_next = False
+            continue
+        name = arg.split("=")[0]
+        if re.fullmatch(r"--[a-z][a-z-]*", name):
+            flags.append(name)
+        value_next = arg.startswith("-") and "=" not in arg
+    return prefix + (" ".join(flags) or "(values without a flag)")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: start-up errors are one line everywhere.
-        prefix = "unrecognized arguments: "
-        if message.startswith(prefix):
-            # Only the flags' names: a mistyped --auth-pasword must not print the password
-            # after it, whatever it looks like, so what follows a flag without "=" is skipped.
-            flags: list[str] = []
-            value_next = False
-            for arg in message[len(prefix) :].split():
-                if value_next:
-                    value_next = False
-                    continue
-                name = arg.split("=")[0]
-                if re.fullmatch(r"--[a-z][a-z-]*", name):
-                    flags.append(name)
-                value_next = arg.startswith("-") and "=" not in arg
-            message = prefix + (" ".join(flags) or "(values without a flag)")
-        raise SettingsError(f"{message} (see --help)")
+        raise SettingsError(f"{without_values(message)} (see --help)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -235,7 +235,8 @@ def _token_of(header: str) -> str:
 
 
 def _unavailable(exc: GitHubUnavailable) -> ApiError:
-    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    # A GitHub that is down or slow passes: try again in a while, if it did not say when.
+    headers = {"Retry-After": str(exc.retry_after or 10)}
     return ApiError(503, f"{exc}: who you are cannot be checked now, try again later", headers)
 
 

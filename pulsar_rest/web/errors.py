@@ -58,6 +58,9 @@ _DOMAIN_ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (NoConfigRepo, 503),
     (RepoUnavailable, 503),
 )
+# 503s that pass (a stop, a restart, a limit, a repository out of reach) say when to try
+# again; one that does not say so (no configuration repository at all) is for good.
+_RETRY_AFTER: dict[type[Exception], str] = {ShuttingDown: "5", TooBusy: "5", RepoUnavailable: "10"}
 
 
 def error_response(
@@ -101,7 +104,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         for kind, status in _DOMAIN_ERRORS:
             if isinstance(exc, kind):
-                return error_response(status, str(exc), task_id=getattr(exc, "task_id", None))
+                retry = _RETRY_AFTER.get(kind)
+                headers = None if retry is None else {"Retry-After": retry}
+                return error_response(
+                    status, str(exc), task_id=getattr(exc, "task_id", None), headers=headers
+                )
         log.exception("error answering %s %s", request.method, request.raw_path)
         trace = traceback.format_exc() if request.app[SETTINGS].debug else None
         return error_response(500, "internal error: see the server log", trace=trace)
