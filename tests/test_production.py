@@ -8,6 +8,7 @@ tests fail, saying so, rather than skip."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import pytest
 
 from pulsar_rest.settings import load_settings
 from tests.conftest import eventually, release
-from tests.serving import ROOT, TIMEOUT, listening_port, stop
+from tests.serving import ROOT, TIMEOUT, call, ended, listening_port, stop
 
 UNIT = ROOT / "config" / "pulsar-rest.service"
 SITE = ROOT / "config" / "nginx.conf"
@@ -41,6 +42,14 @@ KEY = ROOT / "bin" / "ssl" / "pulsar.local.key"
 DEADLINE = 10.0
 
 Start = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture(autouse=True)
+def collected() -> Iterator[None]:
+    """Garbage collected after each test: a connection a test left open warns (an error
+    here) in that test, not in whichever test the collector happens to run in later."""
+    yield
+    gc.collect()
 
 
 def tool(name: str, package: str) -> str:
@@ -138,7 +147,7 @@ LEFT_OPEN = {
     "RestrictAddressFamilies=~AF_UNIX": "the notify socket, ssh-agent",
     "RestrictAddressFamilies=~AF_NETLINK": "glibc's getaddrinfo",
     "MemoryDenyWriteExecute=": "Ruby's JIT, libffi",
-    "PrivateUsers=": "root's files would be nobody's, which ssh refuses",
+    "PrivateUsers=": "a root-owned ~/.ssh/config would be nobody's, which ssh refuses",
     "ProcSubset=": "psutil reads /proc/stat",
     "ProtectProc=": "a task's non-dumpable ssh would hide from pulsar-rest's kill",
     "RootDirectory=/RootImage=": "the host's ruby, git and ssh",
@@ -262,11 +271,29 @@ def test_a_failed_start_never_notifies_ready(
     assert pending(notify_socket) == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: tasks inherit NOTIFY_SOCKET (runner.py spawn: child_env = dict(os.environ)); "
+    "a tool a deploy runs that speaks sd_notify would speak for pulsar-rest's unit (refused "
+    "only by NotifyAccess=main, with a warning in the journal); it should leave the tasks' environment",
+)
+def test_tasks_do_not_inherit_the_notify_socket(
+    start: Start, notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    proc = start()
+    base = f"http://127.0.0.1:{listening_port(tmp_path / 'logs' / 'pulsar-rest.log', proc)}"
+    task = call(f"{base}/app/prod", {"action": "env[NOTIFY_SOCKET]"})["task"]
+    output = call(f"{base}/task/{ended(base, task['id'])['id']}")["output"]
+    stop(proc)
+    assert json.loads(output.splitlines()[0]) == {"NOTIFY_SOCKET": None}
+
+
 # -- nginx in front ---------------------------------------------------------------------
 
-# Debian's /etc/nginx/nginx.conf wraps every site in http { } with these (copied here: the
-# test never reads /etc/nginx). The site must hold against them: its TLS 1.3 only over
-# the older versions allowed around it, its gzip off over an admin's broad gzip_types.
+# nginx's own configuration around the site, as Debian's /etc/nginx/nginx.conf has it
+# (copied: the test never reads /etc/nginx), with an admin's broad gzip_types on top. The
+# site must hold against them: its TLS 1.3 only over the older versions allowed around it,
+# its unbuffered, ungzipped streams over gzip.
 NGINX_MAIN = """\
 daemon off;
 master_process off;
@@ -354,7 +381,7 @@ def test_nginx_accepts_the_site(tmp_path: Path) -> None:
     longest = max(settings.long_poll_timeout, settings.keepalive)
     timeouts = re.findall(r"^\s*proxy_read_timeout\s+(\w+);", SITE.read_text(), re.MULTILINE)
     assert timeouts, "the site sets proxy_read_timeout (nginx's default is 60 s)"
-    for timeout in timeouts:  # nginx's time spans are systemd's, but for "m" (minutes)
+    for timeout in timeouts:  # nginx writes its time spans as systemd does ("75s", "2m")
         assert seconds(timeout) > longest, f"proxy_read_timeout {timeout}: a wait lasts {longest:g}s"
 
 
@@ -521,6 +548,7 @@ async def test_a_stream_through_nginx_passes_each_event_as_it_is_sent(
 
 async def test_a_websocket_through_nginx(proxy: Proxy, session: aiohttp.ClientSession) -> None:
     async with session.ws_connect(f"wss://127.0.0.1:{proxy.https}/websocket") as ws:
+        raw = ws.get_extra_info("socket")
         # Connected: the upgrade went through nginx (HTTP/1.1 to pulsar-rest, both headers).
         await waiting(proxy)  # the socket waits in pulsar-rest: what follows is news to it
         task = await create(session, proxy, "lines[3]")
@@ -533,14 +561,16 @@ async def test_a_websocket_through_nginx(proxy: Proxy, session: aiohttp.ClientSe
                     output += message["output"]
                 else:
                     events.append(message)
+    # The socket's TLS shutdown ends after the close, on its own: not after this test's loop
+    # (its transport would be collected unclosed, a warning that fails a later test).
+    await eventually(lambda: raw.fileno() == -1, DEADLINE, "the WebSocket's connection to close")
     assert events[0]["event"] == "task.create" and events[0]["task"]["id"] == task["id"]
     assert output.startswith("line 1\nline 2\nline 3\n")
 
 
 def handshake(port: int, ctx: ssl.SSLContext) -> str:
-    """A TLS handshake: the protocol agreed (a refusal raises). Blocking sockets, closed
-    whatever happens: asyncio leaves the transport of a failed handshake to the garbage
-    collector, whose ResourceWarning would fail some later test."""
+    """A bare TLS handshake, the certificate checked: the protocol agreed (a refusal
+    raises). A blocking socket, closed however the handshake ends."""
     with (
         socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
