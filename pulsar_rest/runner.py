@@ -305,6 +305,8 @@ async def spawn(
     marker = marker or secrets.token_hex(8)
     child_env = dict(os.environ if env is None else env)
     child_env[MARKER_VAR] = marker
+    # systemd's socket is the server's to speak on, not a deploy tool's.
+    child_env.pop("NOTIFY_SOCKET", None)
     readers: list[tuple[int, _Output]] = []
     writers: list[int] = []
     try:

@@ -225,3 +225,14 @@ async def test_wait_ends_with_a_kill(client: Client) -> None:
     assert (await client.post(f"/task/{task.id}/kill")).status == 200
     resp = await waiting
     assert resp.status == 200 and (await resp.json())["task"]["status"] == "killed"
+
+
+async def test_urls_are_under_the_public_url_behind_a_proxy(make_client: ClientFactory) -> None:
+    client = await make_client(public_url="https://deploy.example.com/pulsar")
+    resp = await client.post("/app/prod", json={"action": "ok"})
+    body = await resp.json()
+    assert (
+        body["url"] == resp.headers["Location"] == f"https://deploy.example.com/pulsar/task/{body['taskId']}"
+    )
+    assert (await get_json(client, "/tasks"))["url"] == "https://deploy.example.com/pulsar/"
+    await finished(client, body["taskId"])

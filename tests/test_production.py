@@ -271,12 +271,6 @@ def test_a_failed_start_never_notifies_ready(
     assert pending(notify_socket) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tasks inherit NOTIFY_SOCKET (runner.py spawn: child_env = dict(os.environ)); "
-    "a tool a deploy runs that speaks sd_notify would speak for pulsar-rest's unit (refused "
-    "only by NotifyAccess=main, with a warning in the journal); it should leave the tasks' environment",
-)
 def test_tasks_do_not_inherit_the_notify_socket(
     start: Start, notify_socket: socket.socket, tmp_path: Path
 ) -> None:

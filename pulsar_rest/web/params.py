@@ -21,7 +21,11 @@ def task(request: web.Request) -> Task:
 
 
 def url(request: web.Request, path: str) -> str:
-    """The absolute URL of `path` on this server, as the client named it (its Host header)."""
+    """The absolute URL of `path` on this server: under --public-url (behind a proxy), else
+    as the client named it (its Host header)."""
+    public = request.app[SETTINGS].public_url
+    if public:
+        return public + path
     try:
         return str(request.url.with_path(path).with_query(None))
     except (ValueError, UnicodeError):  # a port out of range, a name IDNA cannot encode
