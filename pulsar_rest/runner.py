@@ -90,11 +90,13 @@ class ChildProcess:
         exit_protocol: _Exit,
         pipes: list[tuple[asyncio.ReadTransport, _Output]],
         marker: str,
+        sweep: MarkerSweep,
     ) -> None:
         self._process = process
         self._exit = exit_protocol
         self._pipes = pipes
         self._marker = marker
+        self._sweep = sweep
         self.pid: int = process.get_pid()
         # start_new_session makes the child the leader of its own group.
         self.pgid = self.pid
@@ -138,14 +140,13 @@ class ChildProcess:
         The tree is the process group, the leader's descendants (also those that moved to
         another group) and any process carrying this child's marker variable.
         """
-        # Looking through /proc takes milliseconds per hundred processes: off the event loop.
-        procs = await asyncio.to_thread(self._tree)
+        procs = await self._tree()
         if not procs:
             return
         self._signal(procs, signal.SIGTERM)
         if await self._wait_gone(procs, grace):
             return
-        procs = await asyncio.to_thread(self._tree) | {p for p in procs if _alive(p)}
+        procs = await self._tree() | {p for p in procs if _alive(p)}
         log.info("pid %d: still running %.1fs after SIGTERM, sending SIGKILL", self.pid, grace)
         self._signal(procs, signal.SIGKILL)
         if not await self._wait_gone(procs, 5.0):
@@ -153,20 +154,27 @@ class ChildProcess:
 
     async def processes(self) -> list[ProcessInfo]:
         """The tree as it is now (see terminate), never a process of the server's own group."""
-        return await asyncio.to_thread(lambda: describe(self._tree()))
+        return await asyncio.to_thread(describe, await self._tree())
 
-    def _tree(self) -> set[psutil.Process]:
+    async def _tree(self) -> set[psutil.Process]:
+        # Looking through /proc takes milliseconds per hundred processes: off the event
+        # loop; the costly part, every process's environment, shared with other tasks.
+        near, marked = await asyncio.gather(asyncio.to_thread(self._near), self._sweep.find(self._marker))
+        return {p for p in near | marked if _alive(p)}
+
+    def _near(self) -> set[psutil.Process]:
+        """The process group and the leader's descendants (those that moved to another
+        group too): cheap to find, a system call or a short read per process."""
         found: set[psutil.Process] = set()
         ours = os.getpgrp()
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if proc.pid == os.getpid() or os.getpgid(proc.pid) == ours:
-                    continue
-                if os.getpgid(proc.pid) == self.pgid or _has_marker(proc, self._marker):
+                pgid = os.getpgid(proc.pid)
+                if proc.pid != os.getpid() and pgid != ours and pgid == self.pgid:
                     found.add(proc)
         with contextlib.suppress(psutil.Error):
             found.update(psutil.Process(self.pid).children(recursive=True))
-        return {p for p in found if _alive(p)}
+        return found
 
     def _signal(self, procs: set[psutil.Process], sig: signal.Signals) -> None:
         if self.signal_sent is not signal.SIGKILL:
@@ -243,17 +251,69 @@ def _environ(proc: psutil.Process) -> dict[str, str]:
         return {}
 
 
+class MarkerSweep:
+    """Finds the processes that carry given markers: one look through every process's
+    environment (the costly part of finding a tree: a daemon that left it is found only so)
+    for everyone who asks meanwhile. Tasks that end together share one scan instead of each
+    paying for its own; each scan starts after the question, so nothing started before it
+    is missed."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Future[set[psutil.Process]]]] = {}
+        self._scanning: asyncio.Task[None] | None = None
+
+    async def find(self, marker: str) -> set[psutil.Process]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[set[psutil.Process]] = loop.create_future()
+        self._waiting.setdefault(marker, []).append(answer)
+        if self._scanning is None:
+            self._scanning = loop.create_task(self._scan())
+        return await answer
+
+    async def _scan(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    found = await asyncio.to_thread(marked, set(batch))
+                except Exception as exc:
+                    for answers in batch.values():
+                        for answer in answers:
+                            if not answer.done():
+                                answer.set_exception(exc)
+                    continue
+                for marker, answers in batch.items():
+                    for answer in answers:
+                        if not answer.done():  # its caller may have given up
+                            answer.set_result(found.get(marker, set()))
+        finally:
+            self._scanning = None
+
+
+def marked(markers: set[str]) -> dict[str, set[psutil.Process]]:
+    """The processes carrying each of `markers`, never one of the server's own group.
+    Blocking: it reads every process's environment in /proc."""
+    found: dict[str, set[psutil.Process]] = {}
+    ours = os.getpgrp()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid == os.getpid() or os.getpgid(proc.pid) == ours:
+                continue
+            marker = proc.environ().get(MARKER_VAR)
+            if marker in markers:
+                found.setdefault(marker, set()).add(proc)
+    return found
+
+
 def kill_marked(markers: set[str]) -> int:
     """SIGKILL every process carrying one of `markers` (left by a server that crashed);
     return how many. Blocking: it reads /proc."""
     count = 0
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(MARKER_VAR) in markers:
+    for procs in marked(markers).values():
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
                 count += 1
-        except (psutil.Error, OSError):
-            continue
     return count
 
 
@@ -268,13 +328,6 @@ def _in_group(proc: psutil.Process, pgid: int) -> bool:
     try:
         return _alive(proc) and os.getpgid(proc.pid) == pgid
     except OSError:
-        return False
-
-
-def _has_marker(proc: psutil.Process, marker: str) -> bool:
-    try:
-        return proc.environ().get(MARKER_VAR) == marker
-    except (psutil.Error, OSError):
         return False
 
 
@@ -294,6 +347,7 @@ async def spawn(
     marker: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    sweep: MarkerSweep | None = None,
 ) -> ChildProcess:
     """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes.
 
@@ -342,4 +396,4 @@ async def spawn(
     for read_fd, output in readers:
         pipe, _ = await loop.connect_read_pipe(output.itself, os.fdopen(read_fd, "rb", buffering=0))
         pipes.append((pipe, output))
-    return ChildProcess(process, exit_protocol, pipes, marker)
+    return ChildProcess(process, exit_protocol, pipes, marker, sweep or MarkerSweep())

@@ -141,6 +141,7 @@ class TaskService:
         self._config = config
         self._tasks: dict[int, Task] = {task.id: task for task in history}  # oldest first
         self._children: dict[int, runner.ChildProcess] = {}
+        self._sweep = runner.MarkerSweep()  # one look through /proc for tasks that end together
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
         self._background: set[asyncio.Task[Any]] = set()
@@ -435,6 +436,7 @@ class TaskService:
                 on_stdout=None if task.stdout is None else (lambda data: self._stdout(task, data)),
                 marker=task.marker,
                 env=env,
+                sweep=self._sweep,
             )
         except runner.SpawnError as exc:
             log.warning("task %d: %s", task.id, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -136,3 +137,41 @@ async def test_head_never_kills(client: Client) -> None:
     assert (await client.get(f"/task/{task['id']}")).status == 200
     assert alive(task["pid"])
     assert (await client.post(f"/task/{task['id']}/kill")).status == 200
+
+
+async def test_tasks_ending_together_share_one_look_through_every_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading every process's environment (to find daemons that left a task's tree) is
+    the costly part of a task's end: questions asked together share one scan, and each
+    gets its own processes."""
+    from pulsar_rest import runner
+
+    scans: list[set[str]] = []
+    real = runner.marked
+
+    def counted(markers: set[str]) -> dict[str, set[psutil.Process]]:
+        scans.append(set(markers))
+        return real(markers)
+
+    monkeypatch.setattr(runner, "marked", counted)
+    markers = [f"sweep-test-{n}" for n in range(3)]
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stdin.read()",
+            stdin=asyncio.subprocess.PIPE, env={**os.environ, runner.MARKER_VAR: marker},
+            start_new_session=True,  # as a task is: the server's own group is never searched
+        )
+        for marker in markers[:2]
+    ]  # fmt: skip
+    try:
+        sweep = runner.MarkerSweep()
+        found = await asyncio.gather(*(sweep.find(marker) for marker in markers))
+        assert scans == [set(markers)]  # one scan for the three
+        assert [{p.pid for p in procs} for procs in found] == [{children[0].pid}, {children[1].pid}, set()]
+        assert await sweep.find(markers[0]) and len(scans) == 2  # a later question, a new scan
+    finally:
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.close()
+            await child.wait()
