@@ -166,6 +166,8 @@ class ChildProcess:
         """The process group and the leader's descendants (those that moved to another
         group too): cheap to find, a system call or a short read per process."""
         found: set[psutil.Process] = set()
+        if not self._group_lives():
+            return found  # the leader is gone with its group: what is left carries the marker
         ours = os.getpgrp()
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
@@ -175,6 +177,16 @@ class ChildProcess:
         with contextlib.suppress(psutil.Error):
             found.update(psutil.Process(self.pid).children(recursive=True))
         return found
+
+    def _group_lives(self) -> bool:
+        """Some process is in the group (the leader, even unreaped, included): one call."""
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's group by now: look, to be sure
+            return True
+        return True
 
     def _signal(self, procs: set[psutil.Process], sig: signal.Signals) -> None:
         if self.signal_sent is not signal.SIGKILL:
