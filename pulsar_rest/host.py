@@ -10,8 +10,7 @@ from typing import Any
 
 import psutil
 
-# CPU use is measured over this span: a first reading says nothing.
-CPU_SAMPLE = 0.1
+from pulsar_rest.runner import CPU_SAMPLE
 
 
 def statistics(data_dir: Path) -> dict[str, Any]:

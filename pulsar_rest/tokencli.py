@@ -12,27 +12,31 @@ import json
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.auth.tokens import ApiToken
 from pulsar_rest.names import InvalidName
-from pulsar_rest.settings import SettingsError, load_settings
+from pulsar_rest.settings import SettingsError, load_settings, without_values
 from pulsar_rest.store import StoreError, TokenAdmin, TokenExists
 from pulsar_rest.tasks import utcnow
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SettingsError(f"{message} (see pulsar-rest token --help)")
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        # One line, and the flags' names only, as the server's own settings do.
+        raise SettingsError(f"{without_values(message)} (see pulsar-rest token --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pulsar-rest token",
         description="API tokens of pulsar-rest, for bots and CI (Authorization: Bearer TOKEN).",
-        allow_abbrev=False,
     )
-    where = _Parser(add_help=False, allow_abbrev=False)
+    where = _Parser(add_help=False)
     where.add_argument("--data-dir", metavar="DIR", help="the server's data directory")
     where.add_argument("--config", metavar="FILE", help="the server's YAML settings (for its data directory)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="create|list|revoke")

@@ -13,7 +13,7 @@ from pulsar_rest.events import EventBus
 from pulsar_rest.metrics import Metrics
 from pulsar_rest.service import TaskService
 from pulsar_rest.settings import Settings
-from pulsar_rest.store import SqliteStore
+from pulsar_rest.store import TaskStore
 from pulsar_rest.web.present import AnswerCache
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,7 +21,8 @@ BUS = web.AppKey("bus", EventBus)
 SERVICE = web.AppKey("service", TaskService)
 ANSWERS = web.AppKey("answers", AnswerCache)
 AUDIT = web.AppKey("audit", Audit)
-STORE = web.AppKey("store", SqliteStore)
+# The store by its interface: SQLite now, PostgreSQL later (issue 15) behind the same one.
+STORE: web.AppKey[TaskStore] = web.AppKey("store")
 METRICS = web.AppKey("metrics", Metrics)
 CONF: web.AppKey[ConfigRepo | None] = web.AppKey("conf")  # None: no configuration repository
 
