@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
 import secrets
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
@@ -53,13 +57,47 @@ class ExitStatus:
         return cls(None, name)
 
 
-class _Exit(asyncio.SubprocessProtocol):
-    def __init__(self) -> None:
-        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+# Pids of the server's children that are task leaders, until collected (by _Leader); every
+# other child in a session of its own was adopted (see Subreaper).
+_LEADERS: set[int] = set()
 
-    def process_exited(self) -> None:
-        # Called on the leader's exit even while a descendant still holds the pipe open,
-        # which Process.wait() would not notice.
+# Children are started in a thread of their own: the event loop goes on while the kernel
+# makes the process and the child reaches exec (Python lets go of the GIL meanwhile), which
+# was the largest single cost of a short task on the loop.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-spawn")
+
+
+class _Leader:
+    """A started child, whose exit is collected on the event loop as soon as it happens:
+    through a pidfd (Linux 5.3), else by a thread that waits for it (as asyncio does)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.popen = popen
+        self.exited: asyncio.Future[None] = self._loop.create_future()
+        _LEADERS.add(popen.pid)  # its exit is ours to collect, not the subreaper's
+        try:
+            self._pidfd: int | None = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
+            threading.Thread(target=self._wait, name=f"pulsar-rest-wait-{popen.pid}", daemon=True).start()
+        else:
+            self._loop.add_reader(self._pidfd, self._collect)
+
+    def _collect(self) -> None:
+        # Called on the leader's exit even while a descendant still holds the pipe open.
+        if self.popen.poll() is not None:
+            assert self._pidfd is not None
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._exited()
+
+    def _wait(self) -> None:
+        self.popen.wait()
+        self._loop.call_soon_threadsafe(self._exited)
+
+    def _exited(self) -> None:
+        _LEADERS.discard(self.popen.pid)  # collected: the pid may be anyone's now
         if not self.exited.done():
             self.exited.set_result(None)
 
@@ -85,27 +123,20 @@ class ChildProcess:
     """A running child and its process group."""
 
     def __init__(
-        self,
-        process: asyncio.SubprocessTransport,
-        exit_protocol: _Exit,
-        pipes: list[tuple[asyncio.ReadTransport, _Output]],
-        marker: str,
-        sweep: MarkerSweep,
+        self, leader: _Leader, pipes: list[tuple[asyncio.ReadTransport, _Output]], marker: str
     ) -> None:
-        self._process = process
-        self._exit = exit_protocol
+        self._leader = leader
         self._pipes = pipes
         self._marker = marker
-        self._sweep = sweep
-        self.pid: int = process.get_pid()
+        self.pid: int = leader.popen.pid
         # start_new_session makes the child the leader of its own group.
         self.pgid = self.pid
         # The strongest signal sent to the tree so far: SIGKILL once it came to that.
         self.signal_sent: signal.Signals | None = None
 
     async def wait_exit(self) -> ExitStatus:
-        await asyncio.shield(self._exit.exited)
-        returncode = self._process.get_returncode()
+        await asyncio.shield(self._leader.exited)
+        returncode = self._leader.popen.returncode
         assert returncode is not None
         return ExitStatus.from_returncode(returncode)
 
@@ -119,9 +150,9 @@ class ChildProcess:
         return True
 
     def close(self) -> None:
+        """Close the pipes (the leader's exit is still collected when it comes)."""
         for pipe, _ in self._pipes:
             pipe.close()
-        self._process.close()
 
     def pause_output(self) -> None:
         """Stop reading the output pipes: the child blocks once a pipe is full."""
@@ -157,17 +188,37 @@ class ChildProcess:
         return await asyncio.to_thread(describe, await self._tree())
 
     async def _tree(self) -> set[psutil.Process]:
-        # Looking through /proc takes milliseconds per hundred processes: off the event
-        # loop; the costly part, every process's environment, shared with other tasks.
-        near, marked = await asyncio.gather(asyncio.to_thread(self._near), self._sweep.find(self._marker))
-        return {p for p in near | marked if _alive(p)}
+        if SUBREAPER.on:
+            # Everything the task started is below the server: walking that part of the
+            # tree is a read of a few small files, whatever runs on the machine.
+            return {p for p in self._descendants() if _alive(p)}
+        # Else a daemon that left the tree lives on under init: only a look through every
+        # process's environment finds it (milliseconds per hundred processes: off the loop).
+        return await asyncio.to_thread(self._scan)
 
-    def _near(self) -> set[psutil.Process]:
-        """The process group and the leader's descendants (those that moved to another
-        group too): cheap to find, a system call or a short read per process."""
+    def _descendants(self) -> set[psutil.Process]:
+        """The leader and its descendants, and what the server adopted from the task: its
+        processes whose parent exited (the server being their subreaper), with theirs."""
         found: set[psutil.Process] = set()
-        if not self._group_lives():
-            return found  # the leader is gone with its group: what is left carries the marker
+        tops: list[int] = []
+        if self._leader.popen.returncode is None:  # not collected: the pid is still the leader's
+            tops.append(self.pid)
+        for pid in SUBREAPER.adopted():
+            with contextlib.suppress(psutil.Error, OSError):
+                proc = psutil.Process(pid)
+                if os.getpgid(pid) == self.pgid or _marker(pid) == self._marker:
+                    found.add(proc)
+                    tops.append(pid)
+        for top in tops:
+            with contextlib.suppress(psutil.Error):
+                found.add(psutil.Process(top))
+            found.update(_below(top))
+        return found
+
+    def _scan(self) -> set[psutil.Process]:
+        """The process group, the leader's descendants and whatever carries the marker,
+        found by a look through every process (without a subreaper)."""
+        found = marked({self._marker}).get(self._marker, set())
         ours = os.getpgrp()
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
@@ -176,17 +227,7 @@ class ChildProcess:
                     found.add(proc)
         with contextlib.suppress(psutil.Error):
             found.update(psutil.Process(self.pid).children(recursive=True))
-        return found
-
-    def _group_lives(self) -> bool:
-        """Some process is in the group (the leader, even unreaped, included): one call."""
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # someone else's group by now: look, to be sure
-            return True
-        return True
+        return {p for p in found if _alive(p)}
 
     def _signal(self, procs: set[psutil.Process], sig: signal.Signals) -> None:
         if self.signal_sent is not signal.SIGKILL:
@@ -263,43 +304,127 @@ def _environ(proc: psutil.Process) -> dict[str, str]:
         return {}
 
 
-class MarkerSweep:
-    """Finds the processes that carry given markers: one look through every process's
-    environment (the costly part of finding a tree: a daemon that left it is found only so)
-    for everyone who asks meanwhile. Tasks that end together share one scan instead of each
-    paying for its own; each scan starts after the question, so nothing started before it
-    is missed."""
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class Subreaper:
+    """The server as its tasks' subreaper (prctl PR_SET_CHILD_SUBREAPER): a process whose
+    parent exits (a daemon's double fork, `cmd &` in a subshell) is adopted by the server
+    instead of init. A task's processes, daemons that left its tree included, are then all
+    below the server: found by reading a few small files rather than every process's
+    environment, which took most of a short task's cost. The server must reap what it
+    adopted: see reap()."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, list[asyncio.Future[set[psutil.Process]]]] = {}
-        self._scanning: asyncio.Task[None] | None = None
+        self.on = False
+        self._zombies: set[int] = set()  # adopted and dead at the last reap()
 
-    async def find(self, marker: str) -> set[psutil.Process]:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[set[psutil.Process]] = loop.create_future()
-        self._waiting.setdefault(marker, []).append(answer)
-        if self._scanning is None:
-            self._scanning = loop.create_task(self._scan())
-        return await answer
+    def enable(self) -> bool:
+        """Become the subreaper (once per process; True if the system allows it)."""
+        if not self.on:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                self.on = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+            except (OSError, AttributeError):
+                self.on = False
+        return self.on
 
-    async def _scan(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, {}
-                try:
-                    found = await asyncio.to_thread(marked, set(batch))
-                except Exception as exc:
-                    for answers in batch.values():
-                        for answer in answers:
-                            if not answer.done():
-                                answer.set_exception(exc)
-                    continue
-                for marker, answers in batch.items():
-                    for answer in answers:
-                        if not answer.done():  # its caller may have given up
-                            answer.set_result(found.get(marker, set()))
-        finally:
-            self._scanning = None
+    def adopted(self) -> list[int]:
+        """The server's children that are no task leader and not in the server's session
+        (which its own helpers, git for one, share): those it adopted from tasks."""
+        ours = os.getsid(0)
+        found = []
+        # An orphan goes to the subreaper's first live thread (the kernel's
+        # find_new_reaper): the main one, the only one to read.
+        server = os.getpid()
+        for pid in _children(server, [str(server)]):
+            if pid in _LEADERS:
+                continue
+            with contextlib.suppress(OSError):
+                if os.getsid(pid) != ours:
+                    found.append(pid)
+        return found
+
+    def reap(self) -> int:
+        """Collect adopted children that have exited; return how many. A dead child is
+        reaped only if it was already dead at the previous call: asyncio reaps a leader at
+        once, before its pid is known here, and must keep its exit status."""
+        dead = {pid for pid in self.adopted() if _state(pid) == "Z"}
+        reaped = 0
+        for pid in dead & self._zombies:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+        self._zombies = dead - self._zombies
+        return reaped
+
+
+SUBREAPER = Subreaper()
+
+
+def _children(pid: int, threads: Sequence[str] | None = None) -> list[int]:
+    """The pids of `pid`'s children: /proc/PID/task/TID/children, a short read per thread
+    (a child belongs to the thread that forked it), of all threads or of `threads`."""
+    found: list[int] = []
+    try:
+        threads = threads or os.listdir(f"/proc/{pid}/task")
+        for tid in threads:
+            try:
+                found.extend(int(child) for child in _read(f"/proc/{pid}/task/{tid}/children").split())
+            except FileNotFoundError:
+                if not os.path.exists(f"/proc/{pid}/task"):
+                    return found  # gone
+                if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                    continue  # the thread has exited
+                raise
+    except FileNotFoundError:
+        # A kernel without CONFIG_PROC_CHILDREN: the parents of every process.
+        with contextlib.suppress(psutil.Error):
+            return [child.pid for child in psutil.Process(pid).children()]
+    except OSError:
+        pass  # gone
+    return found
+
+
+def _read(path: str) -> bytes:
+    """A small file of /proc, read with bare system calls (no buffering, no fstat)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
+def _below(pid: int) -> set[psutil.Process]:
+    """The descendants of `pid`."""
+    found: set[psutil.Process] = set()
+    todo = _children(pid)
+    while todo:
+        child = todo.pop()
+        with contextlib.suppress(psutil.Error):
+            found.add(psutil.Process(child))
+            todo.extend(_children(child))
+    return found
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (R, S, Z, ...), "" if it is gone."""
+    try:
+        return _read(f"/proc/{pid}/stat").rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+_MARKER_ENTRY = MARKER_VAR.encode() + b"="
+
+
+def _marker(pid: int) -> str | None:
+    """The process's marker variable (read from its environment as raw bytes)."""
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        for entry in file.read().split(b"\0"):
+            if entry.startswith(_MARKER_ENTRY):
+                return entry[len(_MARKER_ENTRY) :].decode(errors="replace")
+    return None
 
 
 def marked(markers: set[str]) -> dict[str, set[psutil.Process]]:
@@ -359,7 +484,6 @@ async def spawn(
     marker: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    sweep: MarkerSweep | None = None,
 ) -> ChildProcess:
     """Start `argv` (never through a shell); `on_output` receives stdout+stderr bytes.
 
@@ -380,23 +504,26 @@ async def spawn(
         writers.append(out_write)
         if on_stdout is None:
             readers.append((out_read, _Output(on_output)))
-            stderr: int = asyncio.subprocess.STDOUT
+            stderr: int = subprocess.STDOUT
         else:
             readers.append((out_read, _Output(on_stdout)))
             err_read, stderr = _pipe()
             writers.append(stderr)
             readers.append((err_read, _Output(on_output)))
-        exit_protocol = _Exit()
-        process, _ = await loop.subprocess_exec(
-            lambda: exit_protocol,
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out_write,
-            stderr=stderr,
-            start_new_session=True,
-            env=child_env,
-            cwd=cwd,
-        )
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=stderr,
+                start_new_session=True,
+                env=child_env,
+                cwd=cwd,
+            )
+
+        popen = await loop.run_in_executor(_SPAWNER, start)
+        leader = _Leader(popen)
     except OSError as exc:
         for read_fd, _ in readers:
             os.close(read_fd)
@@ -408,4 +535,4 @@ async def spawn(
     for read_fd, output in readers:
         pipe, _ = await loop.connect_read_pipe(output.itself, os.fdopen(read_fd, "rb", buffering=0))
         pipes.append((pipe, output))
-    return ChildProcess(process, exit_protocol, pipes, marker, sweep or MarkerSweep())
+    return ChildProcess(leader, pipes, marker)

@@ -130,6 +130,8 @@ def _redacted(environ: dict[str, str], variables: dict[str, str], values: set[st
 
 # How often old history is pruned by age (by count, it is after each task's end).
 PRUNE_EVERY = 3600.0
+# How often exited processes the server adopted from tasks are collected.
+REAP_EVERY = 1.0
 
 
 class TaskService:
@@ -140,12 +142,15 @@ class TaskService:
         self._bus = bus
         self._config = config
         self._tasks: dict[int, Task] = {task.id: task for task in history}  # oldest first
+        # The tasks not ended (queued, created, running), oldest first: what a create and an
+        # end look through, whatever the history's length.
+        self._live: dict[int, Task] = {t.id: t for t in self._tasks.values() if not t.status.ended}
         self._children: dict[int, runner.ChildProcess] = {}
-        self._sweep = runner.MarkerSweep()  # one look through /proc for tasks that end together
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
         self._background: set[asyncio.Task[Any]] = set()
         self._pruner: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         # Resolved when each running task ends: waits that go on while the bus is closed.
         self._ends: dict[int, asyncio.Future[None]] = {}
         self._closing = False
@@ -185,11 +190,11 @@ class TaskService:
     @property
     def running(self) -> int:
         """Tasks started and not ended (queued ones wait, they do not count)."""
-        return sum(1 for task in self._tasks.values() if task.status.going)
+        return sum(1 for task in self._live.values() if task.status.going)
 
     def _holder(self, app: str, env: str) -> Task | None:
         """The task deploying `app` to `env` now, if any."""
-        for task in reversed(self._tasks.values()):
+        for task in reversed(self._live.values()):
             if task.app == app and task.env == env and task.status.going:
                 return task
         return None
@@ -197,7 +202,8 @@ class TaskService:
     async def start(self) -> None:
         """After a restart: tasks that were going when the server stopped are recorded as
         interrupted, and processes they left running are stopped. Then old history goes."""
-        orphans = [task for task in self._tasks.values() if not task.status.ended]
+        orphans = list(self._live.values())
+        self._live.clear()
         for task in orphans:
             task.end(TaskStatus.INTERRUPTED)
             self._store.save(task)
@@ -209,7 +215,15 @@ class TaskService:
             if stopped:
                 log.warning("stopped %d processes left by interrupted tasks", stopped)
         await self.prune()
-        self._pruner = asyncio.get_running_loop().create_task(self._prune_periodically())
+        loop = asyncio.get_running_loop()
+        self._pruner = loop.create_task(self._prune_periodically())
+        if runner.SUBREAPER.enable():
+            self._reaper = loop.create_task(self._reap_periodically())
+        else:
+            log.warning(
+                "cannot be the subreaper of tasks (prctl): each task's end looks through every "
+                "process for what it left running, which costs milliseconds a task"
+            )
 
     async def create(
         self,
@@ -260,13 +274,14 @@ class TaskService:
         )
         task.output.on_written = lambda count: self._publish(task, EventKind.OUTPUT)
         self._tasks[task.id] = task
+        self._live[task.id] = task
         self._ends[task.id] = asyncio.get_running_loop().create_future()
         self._publish(task, EventKind.CREATED)
-        log.info("task %d created by %s: %s", task.id, by or "anonymous", " ".join(task.command))
+        # Who asked is in the audit's line; the command, in the line of its start (or queue).
         if holder is None:
             await asyncio.shield(self._own(self._start(task)))
         else:
-            log.info("task %d queued behind task %d", task.id, holder.id)
+            log.info("task %d queued behind task %d: %s", task.id, holder.id, " ".join(task.command))
             await asyncio.shield(self._own(self._store.add(task)))
         return task
 
@@ -346,7 +361,7 @@ class TaskService:
         tasks do not count: once the server stops accepting, they never start."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for task in [task for task in self._tasks.values() if task.status.going]:
+        for task in [task for task in self._live.values() if task.status.going]:
             if not await self.wait_ended(task, max(0.0, deadline - loop.time())):
                 return False
         return True
@@ -355,9 +370,10 @@ class TaskService:
         """Stop every running task (recorded as killed by "shutdown"), wait for the
         bookkeeping, and close the store."""
         self._closing = True
-        if self._pruner is not None:
-            self._pruner.cancel()
-        for task in [task for task in self._tasks.values() if not task.status.ended]:
+        for timer in (self._pruner, self._reaper):
+            if timer is not None:
+                timer.cancel()
+        for task in list(self._live.values()):
             if not task.status.ended:  # it may have ended while an earlier kill was awaited
                 await self.kill(task.id, by="shutdown")
         if self._background:
@@ -385,6 +401,11 @@ class TaskService:
         while True:
             await asyncio.sleep(PRUNE_EVERY)  # a timer, not a synchronisation
             await self.prune()
+
+    async def _reap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_EVERY)  # a timer, not a synchronisation
+            runner.SUBREAPER.reap()
 
     def _own(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in the background, kept so it is neither collected nor forgotten."""
@@ -436,7 +457,6 @@ class TaskService:
                 on_stdout=None if task.stdout is None else (lambda data: self._stdout(task, data)),
                 marker=task.marker,
                 env=env,
-                sweep=self._sweep,
             )
         except runner.SpawnError as exc:
             log.warning("task %d: %s", task.id, exc)
@@ -454,7 +474,7 @@ class TaskService:
         self._store.save(task)
         self._publish(task, EventKind.CHANGED)
         self.started += 1
-        log.info("task %d running, pid %d", task.id, child.pid)
+        log.info("task %d running, pid %d: %s", task.id, child.pid, " ".join(task.command))
         self._children[task.id] = child
         self._own(self._supervise(task, child))
         if task.id in self._kill_requested:
@@ -531,6 +551,7 @@ class TaskService:
             # The runner removes it itself, unless it was killed with SIGKILL.
             await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal, kill_signal=kill_signal)
+        del self._live[task.id]
         task.variables = {}  # its values may be secrets, and it will not run again
         self._kill_requested.discard(task.id)
         self._store.save(task)
@@ -546,7 +567,7 @@ class TaskService:
         # Not one whose kill is under way: it is ending, though still `queued` for a moment.
         waiting = [
             t
-            for t in self._tasks.values()
+            for t in self._live.values()
             if t.status is TaskStatus.QUEUED
             and (t.app, t.env) == (task.app, task.env)
             and t.id not in self._kill_requested

@@ -203,6 +203,16 @@ def escape(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def orphan(app: str, env: str, action: str, args: list[str]) -> int:
+    """A child in a session of its own that exits at once and is never waited for: once
+    this process has exited too, its zombie is whoever adopts it's to collect."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        time.sleep(0.005)
+    say(f"orphan {child.pid}")
+    os._exit(0)  # no clean-up: it would collect the child
+
+
 def hang(app: str, env: str, action: str, args: list[str]) -> int:
     say("hanging")
     sleep_forever()
@@ -241,6 +251,7 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "bytes": many_bytes,
     "grandchild": grandchild,
     "escape": escape,
+    "orphan": orphan,
     "hang": hang,
     "ignore-term": ignore_term,
     "term-exit": term_exit,

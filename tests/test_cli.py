@@ -293,8 +293,8 @@ def test_sighup_reopens_the_log_that_logrotate_moved(
     server.send_signal(signal.SIGHUP)  # its postrotate
     wait_for(lambda: log.exists() and "log file reopened" in log.read_text(), server, "the new log file")
     task = call(f"{base}/shop/production", {"action": "ok"})["task"]
-    wait_for(lambda: f"task {task['id']} created" in log.read_text(), server, "the task's line")
-    assert f"task {task['id']} created" not in rotated.read_text()
+    wait_for(lambda: f"task {task['id']} running" in log.read_text(), server, "the task's line")
+    assert f"task {task['id']} running" not in rotated.read_text()
     assert "listening on" in rotated.read_text()
     stop(server)
 
@@ -342,6 +342,6 @@ def test_the_logrotate_example_rotates_a_running_server(
     assert "listening on" in rotated.read_text()
     wait_for(lambda: log.exists() and "log file reopened" in log.read_text(), server, "the new log file")
     task = call(f"{base}/shop/production", {"action": "ok"})["task"]
-    wait_for(lambda: f"task {task['id']} created" in log.read_text(), server, "the task's line")
-    assert f"task {task['id']} created" not in rotated.read_text()
+    wait_for(lambda: f"task {task['id']} running" in log.read_text(), server, "the task's line")
+    assert f"task {task['id']} running" not in rotated.read_text()
     stop(server)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
+from pulsar_rest import runner
 from pulsar_rest.web.keys import SERVICE
 from tests.conftest import Client, ClientFactory, alive, create, eventually, finished, follow
 
@@ -139,39 +139,56 @@ async def test_head_never_kills(client: Client) -> None:
     assert (await client.post(f"/task/{task['id']}/kill")).status == 200
 
 
-async def test_tasks_ending_together_share_one_look_through_every_process(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_daemon_is_found_below_the_server_without_a_look_through_every_process(
+    client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reading every process's environment (to find daemons that left a task's tree) is
-    the costly part of a task's end: questions asked together share one scan, and each
-    gets its own processes."""
-    from pulsar_rest import runner
+    """The server is its tasks' subreaper: a daemon that left the tree is adopted by it,
+    and found by a walk of the server's own children, not by reading every process's
+    environment (which took most of a short task's cost)."""
 
-    scans: list[set[str]] = []
-    real = runner.marked
+    def scan(markers: set[str]) -> dict[str, set[psutil.Process]]:
+        raise AssertionError("every process's environment was read")
 
-    def counted(markers: set[str]) -> dict[str, set[psutil.Process]]:
-        scans.append(set(markers))
-        return real(markers)
+    assert runner.SUBREAPER.on
+    monkeypatch.setattr(runner, "marked", scan)
+    task = await finished(client, (await create(client, "escape[daemon.pid]"))["id"])
+    assert task["status"] == "finished"
+    daemon = int(task["output"].split()[1])
+    assert not alive(daemon)
 
-    monkeypatch.setattr(runner, "marked", counted)
-    markers = [f"sweep-test-{n}" for n in range(3)]
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "import sys; sys.stdin.read()",
-            stdin=asyncio.subprocess.PIPE, env={**os.environ, runner.MARKER_VAR: marker},
-            start_new_session=True,  # as a task is: the server's own group is never searched
-        )
-        for marker in markers[:2]
-    ]  # fmt: skip
-    try:
-        sweep = runner.MarkerSweep()
-        found = await asyncio.gather(*(sweep.find(marker) for marker in markers))
-        assert scans == [set(markers)]  # one scan for the three
-        assert [{p.pid for p in procs} for procs in found] == [{children[0].pid}, {children[1].pid}, set()]
-        assert await sweep.find(markers[0]) and len(scans) == 2  # a later question, a new scan
-    finally:
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.close()
-            await child.wait()
+
+async def test_without_a_subreaper_the_daemon_is_found_by_its_marker(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner.SUBREAPER, "on", False)
+    task = await finished(client, (await create(client, "escape[daemon.pid]"))["id"])
+    daemon = int(task["output"].split()[1])
+    assert psutil.Process(daemon).ppid() != task["pid"]  # it had left the tree
+    assert not alive(daemon)
+
+
+async def test_a_process_the_server_adopted_is_collected_once_it_has_exited(client: Client) -> None:
+    task = await finished(client, (await create(client, "orphan"))["id"])
+    assert task["status"] == "finished"
+    orphan = int(task["output"].split()[1])
+
+    def collected() -> bool:
+        try:
+            return psutil.Process(orphan).ppid() != os.getpid()  # its pid taken by another
+        except psutil.NoSuchProcess:
+            return True
+
+    await eventually(collected, what="the server to collect the orphan's exit")
+
+
+async def test_without_pidfds_a_thread_waits_for_the_leader(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux before 5.3 has no pidfd: a thread waits for each task's leader instead."""
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    task = await finished(client, (await create(client, "fail"))["id"])
+    assert (task["status"], task["exitCode"]) == ("failed", 3)

@@ -32,4 +32,6 @@ if TYPE_CHECKING:  # they import these keys
 
 GATEKEEPER: web.AppKey[Gatekeeper] = web.AppKey("gatekeeper")
 RULES: web.AppKey[dict[AbstractRoute, Rule]] = web.AppKey("rules")  # each route's access
+# The first segments of the routes of two segments or more: no app may be named so.
+RESERVED: web.AppKey[frozenset[str]] = web.AppKey("reserved")
 SIGN_IN: web.AppKey[SignIn] = web.AppKey("sign_in")

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from pulsar_rest.web import monitoring, openapi, signin, streams, views
 from pulsar_rest.web.auth import Access, Rule
-from pulsar_rest.web.keys import RULES
+from pulsar_rest.web.keys import RESERVED, RULES
 
 TASK = "/task/{id}"
 
@@ -75,3 +75,8 @@ def setup_routes(app: web.Application) -> None:
         if route.method == "GET" and route.head:
             rules[app.router.add_route("HEAD", route.path, route.handler)] = route.rule
     app[RULES] = rules
+    app[RESERVED] = frozenset(
+        route.path.split("/")[1]
+        for route in ROUTES
+        if route.path.count("/") >= 2 and not route.path.startswith("/{")
+    )

@@ -25,7 +25,7 @@ from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web import params
 from pulsar_rest.web.auth import IDENTITY
 from pulsar_rest.web.errors import VERSION, ApiError
-from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, SERVICE, SETTINGS
+from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, RESERVED, SERVICE, SETTINGS
 from pulsar_rest.web.present import iso, summary
 
 T = TypeVar("T")
@@ -356,12 +356,7 @@ def _refuse_route_clash(request: web.Request) -> None:
     # POST /task/12 would otherwise start a task of app "task": an app named like the first
     # segment of another route answers 405, as the path would without the catch-all.
     app = request.match_info["app"]
-    reserved = {
-        resource.canonical.split("/")[1]
-        for resource in request.app.router.resources()
-        if resource.canonical.count("/") >= 2 and not resource.canonical.startswith("/{")
-    }
-    if app in reserved:
+    if app in request.app[RESERVED]:
         raise ApiError(405, f"method POST is not allowed on {request.path}", {"Allow": "GET"})
 
 
