@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import functools
 import logging
 import os
@@ -51,24 +52,71 @@ def complete_chars(data: bytes) -> bytes:
     return data
 
 
+_Outcome = tuple[object, BaseException | None]  # a job's result, or its error
+
+
 class LogWriter:
     """One thread that appends to every log, in order: a slow disk delays the logs, never
-    the event loop (a write can block for long under the kernel's writeback throttling)."""
+    the event loop (a write can block for long under the kernel's writeback throttling).
+    What is asked for in one turn of the event loop goes to the thread together: a burst
+    costs one wake-up of the thread and one of the loop, not one each per log."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-log")
+        self._pending: list[tuple[Callable[..., object], tuple[object, ...], asyncio.Future[object]]] = []
 
     def submit(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        loop = asyncio.get_running_loop()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        done: asyncio.Future[object] = loop.create_future()
+        self._pending.append((fn, args, done))
+        return done
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        ran = self._pool.submit(_run_all, [(fn, args) for fn, args, _ in batch])
+
+        def tell(results: asyncio.Future[list[_Outcome]]) -> None:
+            for (_, _, done), (result, error) in zip(batch, results.result(), strict=True):
+                if done.done():
+                    continue
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(result)
+
+        asyncio.wrap_future(ran).add_done_callback(tell)
 
     def close(self) -> None:
+        self._flush()
         self._pool.shutdown(wait=True)
+
+
+def _run_all(
+    jobs: list[tuple[Callable[..., object], tuple[object, ...]]],
+) -> list[tuple[object, BaseException | None]]:
+    """Each job's result or error, in order (one failing leaves the others)."""
+    results: list[tuple[object, BaseException | None]] = []
+    for fn, args in jobs:
+        try:
+            results.append((fn(*args), None))
+        except Exception as exc:
+            results.append((None, exc))
+    return results
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 class OutputLog:
@@ -81,8 +129,8 @@ class OutputLog:
         self._writer = writer
         if writer is not None:
             # Whatever a file of that name held is not this task's (a history moved away
-            # without its logs), even if this task never writes.
-            path.unlink(missing_ok=True)
+            # without its logs), even if this task never writes: gone before the first write.
+            writer.submit(_remove, path)
         # One decoder per stream (stdout, stderr) merged here: a character one of them cut
         # between two reads stays whole, whatever the other wrote in between.
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}

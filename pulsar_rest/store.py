@@ -158,9 +158,66 @@ class SqliteStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-db")
         self._writer = LogWriter()
         self._last_id = 0
+        # Writes asked for in this turn of the event loop, with what awaits each (if any).
+        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]] = []
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        self._flush()  # what was written before is there for it
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _queue(
+        self, statement: str, values: tuple[Any, ...], done: asyncio.Future[None] | None = None
+    ) -> None:
+        """Write in order after the earlier writes. The writes asked for in one turn of the
+        event loop go to the database together, in one transaction: a burst of tasks costs
+        one wake-up of its thread and one commit, not one each."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append((statement, values, done))
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        written = self._thread.submit(self._write, [(statement, values) for statement, values, _ in batch])
+        waiting = [(index, done) for index, (_, _, done) in enumerate(batch) if done is not None]
+        if not waiting:
+            written.add_done_callback(_log_failure)  # in its thread: nothing to wake here
+            return
+
+        def tell(result: asyncio.Future[list[sqlite3.Error | None]]) -> None:
+            failed = result.exception()
+            for index, done in waiting:
+                if done.done():
+                    continue  # its caller has given up
+                if failed is not None:
+                    done.set_exception(failed)
+                elif (error := result.result()[index]) is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(None)
+
+        asyncio.wrap_future(written).add_done_callback(tell)
+
+    def _write(self, writes: list[tuple[str, tuple[Any, ...]]]) -> list[sqlite3.Error | None]:
+        """The writes in one transaction; each one's error, if it failed (the others stay)."""
+        db = self._connection()
+        errors: list[sqlite3.Error | None] = []
+        try:
+            db.execute("BEGIN")
+            for statement, values in writes:
+                try:
+                    db.execute(statement, values)
+                    errors.append(None)
+                except sqlite3.Error as exc:
+                    log.error("cannot write to %s", DB_NAME, exc_info=exc)
+                    errors.append(exc)
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return errors
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -280,17 +337,14 @@ class SqliteStore:
             int(task.stdout is not None), json.dumps(task.variable_names), task.kill_signal,
         )  # fmt: skip
 
-    def _upsert(self, row: tuple[Any, ...]) -> None:
-        assert self._db is not None
-        self._db.execute(_UPSERT, row)
-
     async def add(self, task: Task) -> None:
-        await self._call(self._upsert, self._row(task))
+        done = asyncio.get_running_loop().create_future()
+        self._queue(_UPSERT, self._row(task), done)
+        await done
 
     def save(self, task: Task) -> None:
         # The row is taken now, as the task is; the write follows the earlier ones.
-        done = self._thread.submit(self._upsert, self._row(task))
-        done.add_done_callback(_log_failure)
+        self._queue(_UPSERT, self._row(task))
 
     async def delete(self, tasks: Iterable[Task]) -> None:
         doomed = [task for task in tasks if task.status.ended]
@@ -315,12 +369,10 @@ class SqliteStore:
         return await self._call(_find_token, self._connection(), token_digest)
 
     def token_used(self, token_digest: str, at: datetime) -> None:
-        self._submit(
-            "UPDATE api_tokens SET last_used_at = ? WHERE digest = ?", (at.isoformat(), token_digest)
-        )
+        self._queue("UPDATE api_tokens SET last_used_at = ? WHERE digest = ?", (at.isoformat(), token_digest))
 
     def add_audit(self, record: AuditRecord) -> None:
-        self._submit(
+        self._queue(
             "INSERT INTO audit (at, action, who, remote, task_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (
                 record.at.isoformat(),
@@ -354,11 +406,6 @@ class SqliteStore:
     def _connection(self) -> sqlite3.Connection:
         assert self._db is not None
         return self._db
-
-    def _submit(self, statement: str, values: tuple[Any, ...]) -> None:
-        """Run a write in order after the earlier ones, without waiting for it."""
-        done = self._thread.submit(lambda: self._connection().execute(statement, values))
-        done.add_done_callback(_log_failure)
 
     async def close(self) -> None:
         if self._db is not None:

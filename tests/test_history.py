@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import DB_NAME, SqliteStore, StoreError
 from pulsar_rest.web.app import shutdown
@@ -229,6 +230,26 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
         assert row == (0, "[]", None)
     finally:
         db.close()
+
+
+async def test_writes_of_one_turn_share_a_commit_and_a_failed_one_spares_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        statements: list[str] = []
+        store._connection().set_trace_callback(statements.append)
+        store.add_audit(AuditRecord(AuditAction.CREATE, "alice", "10.0.0.1", "shop/prod deploy", 1))
+        store._queue("INSERT INTO nowhere VALUES (?)", (1,))  # fails: no such table
+        store.add_audit(AuditRecord(AuditAction.KILL, "bob", "10.0.0.2", "shop/prod deploy", 1))
+        records, total = await store.audit_page(0, 10)
+        assert [(r.who, r.action) for r in records] == [("bob", "kill"), ("alice", "create")]
+        assert total == 2
+        assert [s for s in statements if s in ("BEGIN", "COMMIT")] == ["BEGIN", "COMMIT"]
+        assert "cannot write to" in caplog.text and "no such table: nowhere" in caplog.text
+    finally:
+        await store.close()
 
 
 async def test_an_upgrade_that_fails_changes_nothing(tmp_path: Path) -> None:
