@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lock.release()
             else:  # a start that never served leaves nothing behind in the data directory
                 lock.abandon()
+        logfile.stop()
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

@@ -4,8 +4,11 @@ can move it away (its `postrotate` sends the signal)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 from datetime import UTC, datetime
@@ -29,9 +32,28 @@ class JsonFormatter(logging.Formatter):
         task = _TASK.search(message)
         if task:
             entry["taskId"] = int(task.group(1))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
+
+
+class _Queued(logging.handlers.QueueHandler):
+    """Hands each line to the writing thread: the message is made now (its arguments may
+    change later), the line is formatted and written there, the exception's text apart."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_PLAIN = logging.Formatter()
+_listener: logging.handlers.QueueListener | None = None
 
 
 class LogFileError(RuntimeError):
@@ -39,7 +61,10 @@ class LogFileError(RuntimeError):
 
 
 def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Handler:
-    """Send every log line to stdout or the log file; the handler that does it."""
+    """Send every log line to stdout or the log file, from a thread of its own: a reader of
+    stdout that lags (a full pipe) or a slow disk delays the log, never the event loop. Return
+    the handler that writes; stop() writes what is left."""
+    global _listener
     handler: logging.Handler
     if log_dir is None:
         handler = logging.StreamHandler(sys.stdout)
@@ -50,10 +75,22 @@ def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Han
         except OSError as exc:
             raise LogFileError(f"--log-dir {log_dir}: {exc.strerror or exc}") from None
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    stop()
+    _listener = logging.handlers.QueueListener(lines, handler)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Queued(lines)]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     return handler
+
+
+def stop() -> None:
+    """Write the lines still queued, and stop the writing thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
 
 
 def reopen(handler: logging.Handler) -> None:

@@ -345,3 +345,28 @@ def test_the_logrotate_example_rotates_a_running_server(
     wait_for(lambda: f"task {task['id']} running" in log.read_text(), server, "the task's line")
     assert f"task {task['id']} running" not in rotated.read_text()
     stop(server)
+
+
+def test_a_reader_of_stdout_that_lags_never_stops_the_server(tmp_path: Path, pulsar_bin: str) -> None:
+    """The log is written from a thread of its own: with stdout a pipe nobody reads (a
+    stuck log collector), the server goes on answering, and no line is lost."""
+    argv = command("--port", "0", "--pulsar-bin", pulsar_bin, "--data-dir", str(tmp_path / "data"))
+    server = subprocess.Popen(
+        [*argv, "--access-log"], cwd=ROOT, env=environ(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        while not (found := re.search(r"listening on (http://127\.0\.0\.1:\d+)/", server.stdout.readline())):
+            assert server.poll() is None, "the server stopped"
+        base = found.group(1)
+        count = 1000  # an access line each: about 120 KiB, twice what a pipe holds
+        for _ in range(count):
+            assert call(f"{base}/health")["ok"] is True
+        server.send_signal(signal.SIGTERM)
+        rest, _ = server.communicate(timeout=TIMEOUT)
+        assert rest.count('"GET /health HTTP/1.1" 200') == count
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()

@@ -30,7 +30,7 @@ import pytest
 
 from pulsar_rest.settings import load_settings
 from tests.conftest import eventually, release
-from tests.serving import ROOT, TIMEOUT, call, ended, listening_port, stop
+from tests.serving import ROOT, TIMEOUT, call, ended, listening_port, stop, wait_for
 
 UNIT = ROOT / "config" / "pulsar-rest.service"
 SITE = ROOT / "config" / "nginx.conf"
@@ -247,14 +247,14 @@ def test_pulsar_rest_notifies_ready_once_listening_and_stopping_on_sigterm(
     proc = start()
     log = tmp_path / "logs" / "pulsar-rest.log"
     ready = receive(notify_socket, proc)
-    # Read the log at the moment READY=1 came: the port is already open by then.
-    listening = re.search(r"listening on (http://127\.0\.0\.1:(\d+)/)$", log.read_text(), re.MULTILINE)
-    assert listening, "READY=1 came before pulsar-rest listened"
     assert ready.get("READY") == "1", ready
     assert ready.get("MAINPID") == str(proc.pid), ready  # the python process, not a wrapper
-    assert listening.group(1) in ready.get("STATUS", ""), ready
+    listening = re.search(r"(http://127\.0\.0\.1:(\d+)/)", ready.get("STATUS", ""))
+    assert listening, ready
+    # At once: the port is open by the time READY=1 comes.
     with socket.create_connection(("127.0.0.1", int(listening.group(2))), timeout=TIMEOUT):
         pass  # systemd may start what needs pulsar-rest now: it answers
+    wait_for(lambda: f"listening on {listening.group(1)}" in log.read_text(), proc, "the log's line")
     assert not pending(notify_socket), "one READY=1"
     stop(proc)  # SIGTERM, as systemd stops the unit; exits 0
     assert [datagram.decode() for datagram in pending(notify_socket)] == ["STOPPING=1"]
