@@ -452,6 +452,140 @@ async def post_to_running(count: int) -> list[float]:
     return latencies
 
 
+# --- 7: many followers of one task ----------------------------------------------------
+
+FANOUT_SECONDS = 10.0
+CLIENT_PROCESSES = 4  # followers are spread over processes: the clients are not the bottleneck
+_STAMP = re.compile(rb"(\d{10}\.\d{6}) \d+ x")
+
+
+async def fan_out(quick: bool) -> None:
+    print("7. many followers of one task writing time-stamped lines", flush=True)
+    seconds = 3.0 if quick else FANOUT_SECONDS
+    runs = [("SSE", 200, 1_000_000), ("SSE", 200, 10_000_000), ("SSE", 1000, 100_000),
+            ("long-poll", 200, 1_000_000), ("long-poll", 1000, 100_000)]  # fmt: skip
+    if quick:
+        runs = [("SSE", 20, 1_000_000), ("long-poll", 20, 1_000_000)]
+    with server() as srv:
+        alone: dict[int, float] = {}
+        for kind, followers, asked in runs:
+            if asked not in alone:
+                alone[asked] = (await paced_task(srv, asked, seconds, kind, 0))[0]
+            before = srv.rss()
+            peak = RssPeak(srv)
+            real, lags, problems = await paced_task(srv, asked, seconds, kind, followers)
+            top = peak.stop()
+            # Once the followers have gone (and what they held was given back).
+            await asyncio.sleep(1.0)  # the server's own release, not a synchronisation
+            after = srv.rss()
+            name = f"7 {followers} {kind} followers, {asked / 1e6:g} MB/s"
+            ratio = real / alone[asked]
+            rate_target = followers == 200 and asked >= 1_000_000
+            shown = f"{real / 1e6:.2f} MB/s, {ratio:.2f} of {alone[asked] / 1e6:.2f}"
+            row(name, "task's rate beside alone", shown, "≥ 0.95" if rate_target else "",
+                ratio >= 0.95 if rate_target else None)  # fmt: skip
+            p99 = sorted(lags)[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else float("inf")
+            lag_target = (followers == 200 and asked == 1_000_000) or (followers == 1000 and asked == 100_000)
+            row(name, "lag", percentiles(lags) if lags else "none received",
+                "p99 < 250 ms" if lag_target else "", p99 < 0.25 if lag_target else None)  # fmt: skip
+            memory = f"{top / MiB:.0f} MiB, {after / MiB:.0f} MiB (start {before / MiB:.0f})"
+            row(name, "server RSS peak, after", memory, "< 300 MiB, within 20 of the start",
+                top < 300 * MiB and after - before < 20 * MiB)  # fmt: skip
+            row(name, "every byte once, in order", "yes" if not problems else "; ".join(problems[:3]),
+                "yes", not problems)  # fmt: skip
+
+
+async def paced_task(
+    srv: Server, rate: int, seconds: float, kind: str, followers: int
+) -> tuple[float, list[float], list[str]]:
+    """Run a task writing `rate` bytes a second for `seconds` with `followers` following it;
+    its real rate, the followers' lags, and what went wrong."""
+    async with aiohttp.ClientSession() as session:
+        app = f"fan-{time.monotonic_ns()}"
+        task = (await api(session, srv, "POST", f"/{app}/prod", json={"action": f"paced[{rate},{seconds}]"}))[
+            "task"
+        ]
+        clients = []
+        if followers:
+            per = -(-followers // CLIENT_PROCESSES)
+            for start in range(0, followers, per):
+                clients.append(await asyncio.create_subprocess_exec(
+                    sys.executable, __file__, "--follow", str(srv.port), str(task["id"]), kind,
+                    str(min(per, followers - start)), stdout=asyncio.subprocess.PIPE,
+                ))  # fmt: skip
+        results = [json.loads((await client.communicate())[0]) for client in clients]
+        while not (await api(session, srv, "GET", f"/task/{task['id']}/state?timeout=60"))["changed"]:
+            pass
+        ended = await api(session, srv, "GET", f"/task/{task['id']}")
+    wrote = re.search(r"wrote (\d+) bytes in ([\d.]+) s", ended["output"])
+    assert wrote, ended["output"][-300:]
+    lags = [lag for result in results for lag in result["lags"]]
+    problems = [problem for result in results for problem in result["problems"]]
+    for result in results:
+        for got in result["sizes"]:
+            if got != ended["outputSize"]:
+                problems.append(f"a follower got {got} bytes of {ended['outputSize']}")
+    return int(wrote.group(1)) / float(wrote.group(2)), lags, problems
+
+
+async def follower_client(port: int, task_id: int, kind: str, count: int) -> None:
+    """A client process: `count` followers of the task on raw HTTP, checking that the byte
+    offsets follow each other, and sampling the lag of each message's last line."""
+    lags: list[float] = []
+    problems: list[str] = []
+    sizes: list[int] = []
+
+    async def sse() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # HTTP/1.0: the body is the events as they are, not chunked.
+        writer.write(f"GET /task/{task_id}/stream?offset=0 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        buffer, offset = b"", 0
+        while chunk := await reader.read(1 << 20):
+            now = time.time()
+            buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"event: output\n"):
+                    continue
+                head, _, data = event.partition(b"\ndata: ")
+                start = int(re.search(rb'"offset": (\d+)', data[:40]).group(1))  # type: ignore[union-attr]
+                if start != offset:
+                    problems.append(f"offset {start} after {offset}")
+                offset = int(head.rpartition(b"id: ")[2])
+                stamps = _STAMP.findall(data[-300:])
+                if stamps:
+                    lags.append(now - float(stamps[-1]))
+        writer.close()
+        sizes.append(offset)
+
+    async def long_poll() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        offset = 0
+        while True:
+            path = f"/task/{task_id}/output?offset={offset}&timeout=30"
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            status, body = await read_response(reader)
+            now = time.time()
+            if status != 200:
+                problems.append(f"status {status}")
+                break
+            start = int(re.search(rb'"offset": (\d+)', body).group(1))  # type: ignore[union-attr]
+            if start != offset:
+                problems.append(f"offset {start} after {offset}")
+            offset = int(re.search(rb'"nextOffset": (\d+)', body).group(1))  # type: ignore[union-attr]
+            stamps = _STAMP.findall(body[max(0, body.find(b'"offset"') - 300) : body.find(b'"offset"')])
+            if stamps:
+                lags.append(now - float(stamps[-1]))
+            if b'"complete": true' in body:
+                break
+        writer.close()
+        sizes.append(offset)
+
+    await asyncio.gather(*((sse if kind == "SSE" else long_poll)() for _ in range(count)))
+    print(json.dumps({"lags": lags, "problems": problems, "sizes": sizes}))
+
+
 async def rate(job: Callable[[], Awaitable[None]], count: int, concurrency: int) -> float:
     todo = iter(range(count))
 
@@ -641,7 +775,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("scenarios", nargs="*", type=int, help="which scenarios (1-6); default all")
+    parser.add_argument("scenarios", nargs="*", type=int, help="which scenarios (1-7); default all")
     parser.add_argument("--quick", action="store_true", help="small counts: a check of the script")
     parser.add_argument("--profile", type=Path, help="record each server with py-spy into this directory")
     args = parser.parse_args()
@@ -659,6 +793,7 @@ async def main() -> int:
         4: lambda: big_output((32 if quick else 1024) * MiB),
         5: lambda: short_tasks(40 if quick else 1000),
         6: lambda: task_reads(1 if quick else 5),
+        7: lambda: fan_out(quick),
     }
     print(f"machine: {machine()}\n", flush=True)
     for number in args.scenarios or sorted(scenarios):
@@ -668,4 +803,8 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--follow"]:  # a follower client of scenario 7
+        port, task_id, kind, count = sys.argv[2:6]
+        asyncio.run(follower_client(int(port), int(task_id), kind, int(count)))
+        sys.exit(0)
     sys.exit(asyncio.run(main()))

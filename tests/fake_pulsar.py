@@ -125,6 +125,28 @@ def stamps(app: str, env: str, action: str, args: list[str]) -> int:
     return 0
 
 
+def paced(app: str, env: str, action: str, args: list[str]) -> int:
+    """For the benchmark: 100-byte lines "<time.time()> <number> x...", at about N bytes a
+    second for S seconds (`paced[N,S]`), then the rate it could really write at: a reader
+    that lags fills the pipe, and the writes wait."""
+    rate, seconds = int(args[0]), float(args[1])
+    raw = sys.stdout.buffer
+    per_tick = max(1, rate // 100 // 100)  # lines each 10 ms
+    started = time.time()
+    number = 0
+    while time.time() < started + seconds:
+        for _ in range(per_tick):
+            head = f"{time.time():.6f} {number} "
+            raw.write((head + "x" * (99 - len(head)) + "\n").encode())
+            number += 1
+        raw.flush()
+        # The load's pace (a clock is what it is about), not a synchronisation.
+        time.sleep(max(0.0, started + number / (per_tick * 100) - time.time()))
+    elapsed = time.time() - started
+    say(f"wrote {number * 100} bytes in {elapsed:.3f} s")
+    return 0
+
+
 def bench_block() -> bytes:
     """64 KiB + 2 bytes: writes of it cut the two-byte "é" at every pipe read boundary."""
     return b"x" * 65535 + "é".encode() + b"\n"
@@ -249,6 +271,7 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "record": record,
     "stamps": stamps,
     "bytes": many_bytes,
+    "paced": paced,
     "grandchild": grandchild,
     "escape": escape,
     "orphan": orphan,
