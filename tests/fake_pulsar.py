@@ -235,6 +235,84 @@ def orphan(app: str, env: str, action: str, args: list[str]) -> int:
     os._exit(0)  # no clean-up: it would collect the child
 
 
+def colours(app: str, env: str, action: str, args: list[str]) -> int:
+    """For the console: HTML that must stay text, then ANSI colours with an escape sequence
+    cut between two writes (the gate between them makes two chunks of the stream)."""
+    raw = sys.stdout.buffer
+    raw.write(b"<img src=x onerror=document.title='pwned'><script>document.title='pwned'</script>\n")
+    raw.write(b"plain \x1b[1mbold\x1b[0m \x1b[38;2;255;0;128mtruecolor\x1b[0m \x1b[38;5;208m256\x1b[0m\n")
+    raw.write(b"before the colour \x1b")
+    raw.flush()
+    gate(args[0])
+    raw.write(b"[31mred after the cut\x1b[0m and plain\n")
+    raw.flush()
+    return 0
+
+
+def showcase(app: str, env: str, action: str, args: list[str]) -> int:
+    """Capistrano-like coloured output, for the README's picture."""
+    green, blue, yellow, grey, bold, off = (
+        "\x1b[32m",
+        "\x1b[34m",
+        "\x1b[33m",
+        "\x1b[90m",
+        "\x1b[1m",
+        "\x1b[0m",
+    )
+    steps = [
+        ("git:wrapper", "mkdir -p /tmp/pulsar"),
+        ("git:check", "git ls-remote git@github.com:acme/shop.git HEAD"),
+        ("deploy:check:directories", "mkdir -p /srv/shop/shared /srv/shop/releases"),
+        ("git:create_release", "git archive main | tar -x -f - -C /srv/shop/releases/20240611"),
+        ("bundler:install", "bundle install --deployment --quiet"),
+        ("deploy:assets:precompile", "rake assets:precompile"),
+        ("deploy:migrate", "rake db:migrate"),
+        ("deploy:symlink:release", "ln -sfn /srv/shop/releases/20240611 /srv/shop/current"),
+        ("puma:restart", "systemctl restart shop"),
+    ]
+    say(f"{bold}Running {action} for {app} on {env}{off}")
+    for minute, (name, command) in enumerate(steps):
+        say(f"{grey}00:{minute:02}{off} {blue}{name}{off}")
+        for host in ("web1", "web2"):
+            say(f"      01 {command}")
+            say(f"    {green}✔ 01 deploy@{host}.{env}{off} {grey}0.{minute + 1}4s{off}")
+    say(f"{yellow}WARN{off} assets: 2 files larger than 500 KiB")
+    say(f"{green}{bold}Executed task {action} for {app} on {env}!{off}")
+    return 0
+
+
+def big_log(app: str, env: str, action: str, args: list[str]) -> int:
+    """About N MiB of numbered lines, then "the last line"."""
+    raw = sys.stdout.buffer
+    total = int(args[0]) * 1024 * 1024
+    written = number = 0
+    while written < total:
+        numbers = range(number, number + 20000)
+        block = "".join(f"line {n:08} of a big log, padded to be a little longer\n" for n in numbers)
+        number += 20000
+        raw.write(block.encode())
+        written += len(block)
+    raw.write(b"the last line\n")
+    raw.flush()
+    return 0
+
+
+def flood(app: str, env: str, action: str, args: list[str]) -> int:
+    """Pairs GATE,N: after each gate, N numbered lines written in many pieces; then "flood done"."""
+    raw = sys.stdout.buffer
+    number = 0
+    for name, count in zip(args[::2], args[1::2], strict=True):
+        gate(name)
+        end = number + int(count)
+        for start in range(number, end, 2000):
+            raw.write("".join(f"flood {n}\n" for n in range(start, min(end, start + 2000))).encode())
+            raw.flush()
+        number = end
+    raw.write(b"flood done\n")
+    raw.flush()
+    return 0
+
+
 def hang(app: str, env: str, action: str, args: list[str]) -> int:
     say("hanging")
     sleep_forever()
@@ -276,6 +354,10 @@ BEHAVIOURS: dict[str, Callable[[str, str, str, list[str]], int]] = {
     "escape": escape,
     "orphan": orphan,
     "hang": hang,
+    "colours": colours,
+    "biglog": big_log,
+    "showcase": showcase,
+    "flood": flood,
     "ignore-term": ignore_term,
     "term-exit": term_exit,
 }

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,6 +427,35 @@ async def test_task_stream_offset_past_the_end_is_a_410(client: Client, how: str
     body = await resp.json()
     assert_envelope(body, 410)
     assert "past the end" in body["error"]["message"]
+
+
+async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, gates: Path) -> None:
+    """A byte is in the file (and so in a Range read of GET /task/:id/log, which is how the
+    console starts) a moment before it counts in the output's size: an offset up to the
+    bytes taken in is served, and the stream goes on from it once they are counted."""
+    assert client.app is not None
+    task_id = (await create(client, "gate[a]"))["id"]
+    output = client.app[SERVICE].get(task_id).output
+    await eventually(lambda: output.size > 0, what="the first line")
+    held = threading.Event()
+    writer = output._writer
+    assert writer is not None
+    blocked = writer.submit(held.wait)  # the log's writes wait behind this
+    try:
+        release(gates, "a")
+        await eventually(lambda: output.backlog > 0, what="output taken in, not yet in the file")
+        taken = output.size + output.backlog
+        sse = await open_sse(client, f"/task/{task_id}/stream", params={"offset": str(taken)})
+        first = await sse.event()
+        assert first.event == "state" and first.id == taken
+    finally:
+        held.set()  # also after a failure: the task's end waits for its writes
+        await blocked
+    events = await sse.rest()
+    assert events[-1].event == "end" and events[-1].id == taken == len(await log_of(client, task_id))
+    assert [m.event for m in events if m.event == "output"] == []
+    resp = await client.get(f"/task/{task_id}/stream", params={"offset": str(taken + 1)})
+    assert resp.status == 410
 
 
 async def test_task_stream_unknown_task_is_a_404(client: Client) -> None:

@@ -20,6 +20,7 @@ from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import SqliteStore
 from pulsar_rest.web.auth import Gatekeeper, auth_middleware
+from pulsar_rest.web.console import on_prepare
 from pulsar_rest.web.errors import error_middleware
 from pulsar_rest.web.keys import (
     ANSWERS,
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> web.Application:
     if sign_in is not None:
         app[SIGN_IN] = sign_in
     setup_routes(app)
+    app.on_response_prepare.append(on_prepare)
     app.cleanup_ctx.append(_tasks)
     app.cleanup_ctx.append(_auth)
     app.on_shutdown.append(_answer_waiters)

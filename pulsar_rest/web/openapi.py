@@ -404,7 +404,7 @@ _ERRORS = {
     "a token in the URL)",
     "401": "no credentials, or credentials nobody vouches for (with WWW-Authenticate)",
     "403": "a known identity without the role, or a browser request refused (origin, CSRF)",
-    "404": "no such task, app or environment (or browser sign-in not configured)",
+    "404": "no such task, app, environment or file (or browser sign-in not configured)",
     "405": "an app named like a route (task, tasks, login)",
     "409": "the task has ended; or the deploy of this app and environment runs (error.taskId)",
     "410": "a cursor or offset from the future or no longer kept: list again",
@@ -509,6 +509,32 @@ PATHS: Json = {
             "open",
             {"200": _answer("the page", {"type": "string"}, "text/html")},
             tag="page",
+        )
+    },
+    "/_static/{path}": {
+        "get": _operation(
+            "static",
+            "The page's files: its ES modules, style sheet, icon and the vendored ansi_up",
+            "open",
+            {
+                "200": _answer(
+                    "the file (text/javascript, text/css, image/svg+xml or text/plain)",
+                    {"type": "string"},
+                    "*/*",
+                ),
+                "304": {"description": "not modified (If-None-Match, If-Modified-Since)"},
+            },
+            tag="page",
+            parameters=(
+                {
+                    "name": "path",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "the file, e.g. console.js or vendor/ansi_up.js",
+                },
+            ),
+            errors=("404",),
         )
     },
     "/openapi.json": {

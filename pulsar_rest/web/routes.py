@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from pulsar_rest.web import monitoring, openapi, signin, streams, views
+from pulsar_rest.web import console, monitoring, openapi, signin, streams, views
 from pulsar_rest.web.auth import Access, Rule
 from pulsar_rest.web.keys import RESERVED, RULES
 
@@ -34,7 +34,8 @@ _CHANGE = Rule(Access.WRITE, changes=True)
 
 ROUTES: tuple[Route, ...] = (
     # Open: the page (which then asks to sign in), signing in and out, and health.
-    Route("GET", "/", views.index, _OPEN),
+    Route("GET", "/", console.index, _OPEN),
+    Route("GET", "/_static/{path:.+}", console.static_file, _OPEN),  # the page's scripts, style, icon
     Route("GET", "/status", views.status, _OPEN),  # counts only, without the read role
     Route("GET", "/health", monitoring.health, _OPEN),  # for load balancers
     Route("GET", "/openapi.json", openapi.document, _OPEN),

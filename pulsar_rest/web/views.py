@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,8 +28,6 @@ from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, RESERVED, SERVICE, SETTING
 from pulsar_rest.web.present import iso, summary
 
 T = TypeVar("T")
-
-INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 
 # Extra time a kill request waits beyond the grace period for SIGKILL to take effect.
 _KILL_SETTLE = 5.0
@@ -53,10 +50,6 @@ async def _changed(request: web.Request, task: Task | None) -> web.Response:
         return _json({"changed": False})
     body = await request.app[ANSWERS].body(task, changed=True)
     return web.Response(body=body, content_type="application/json")
-
-
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(INDEX_HTML, headers={"Cache-Control": "no-cache"})
 
 
 async def status(request: web.Request) -> web.Response:
