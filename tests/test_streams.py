@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -719,3 +720,33 @@ async def test_closed_websockets_free_their_waiters(client: Client) -> None:
     assert (await ws_receive(ws))["task"]["id"] == task["id"]
     await ws.close()
     await finished(client, task["id"])
+
+
+async def test_a_stalled_follower_holds_a_bounded_buffer_and_delays_nobody(client: Client) -> None:
+    """A client that stops reading its stream: the server keeps about a message for it (its
+    connection's buffer; then its writes wait), while the task runs to its end at once and
+    another follower gets every byte."""
+    task_id = (await create(client, f"bytes[{16 * 1024 * 1024}]"))["id"]
+    assert client.server.host is not None and client.server.port is not None
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((client.server.host, client.server.port))
+    try:
+        stalled.sendall(f"GET /task/{task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sse = await open_sse(client, f"/task/{task_id}/stream")
+        events = await sse.rest()
+        log = await log_of(client, task_id)
+        assert check_output_events(events, 0) == log and len(log) >= 16 * 1024 * 1024
+        assert events[-1].event == "end" and events[-1].data["status"] == "finished"
+        assert client.server.runner is not None
+        server = client.server.runner.server
+        assert server is not None
+        buffered = [
+            conn.transport.get_write_buffer_size()
+            for conn in server.connections
+            if conn.transport is not None and not conn.transport.is_closing()
+        ]
+        stuck = max(buffered)
+        assert 0 < stuck < 2 * CHUNK * 2, buffered  # waiting, with about a message held
+    finally:
+        stalled.close()

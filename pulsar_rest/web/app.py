@@ -22,6 +22,7 @@ from pulsar_rest.store import SqliteStore
 from pulsar_rest.web.auth import Gatekeeper, auth_middleware
 from pulsar_rest.web.console import on_prepare
 from pulsar_rest.web.errors import error_middleware
+from pulsar_rest.web.fanout import Messages
 from pulsar_rest.web.keys import (
     ANSWERS,
     AUDIT,
@@ -29,10 +30,12 @@ from pulsar_rest.web.keys import (
     CONF,
     GATEKEEPER,
     METRICS,
+    OUTPUT_ANSWERS,
     SERVICE,
     SETTINGS,
     SIGN_IN,
     STORE,
+    STREAM_MESSAGES,
 )
 from pulsar_rest.web.monitoring import metrics_middleware
 from pulsar_rest.web.present import AnswerCache
@@ -115,6 +118,8 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT] = Audit(store)
     service.on_end.append(app[METRICS].task_ended)
     app[ANSWERS] = AnswerCache()
+    app[STREAM_MESSAGES] = Messages()
+    app[OUTPUT_ANSWERS] = Messages()
     app[BUS] = bus
     app[SERVICE] = service
     await service.start()

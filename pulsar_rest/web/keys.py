@@ -14,6 +14,7 @@ from pulsar_rest.metrics import Metrics
 from pulsar_rest.service import TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import TaskStore
+from pulsar_rest.web.fanout import Messages
 from pulsar_rest.web.present import AnswerCache
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,6 +25,10 @@ AUDIT = web.AppKey("audit", Audit)
 # The store by its interface: SQLite now, PostgreSQL later (issue 15) behind the same one.
 STORE: web.AppKey[TaskStore] = web.AppKey("store")
 METRICS = web.AppKey("metrics", Metrics)
+# Messages shared by the followers of a task: SSE output events (with the offset after
+# them), and the bodies of `output?offset=` answers.
+STREAM_MESSAGES: web.AppKey[Messages[tuple[bytes, int]]] = web.AppKey("stream_messages")
+OUTPUT_ANSWERS: web.AppKey[Messages[bytes]] = web.AppKey("output_answers")
 CONF: web.AppKey[ConfigRepo | None] = web.AppKey("conf")  # None: no configuration repository
 
 if TYPE_CHECKING:  # they import these keys

@@ -19,9 +19,10 @@ from pulsar_rest.events import CursorGone, Event, EventBus, all_topic, changes_t
 from pulsar_rest.output import complete_chars
 from pulsar_rest.service import TaskService
 from pulsar_rest.tasks import Task
-from pulsar_rest.web import params
+from pulsar_rest.web import fanout, params
 from pulsar_rest.web.errors import ApiError
-from pulsar_rest.web.keys import BUS, GATEKEEPER, RULES, SERVICE, SETTINGS
+from pulsar_rest.web.fanout import Messages
+from pulsar_rest.web.keys import BUS, GATEKEEPER, RULES, SERVICE, SETTINGS, STREAM_MESSAGES
 from pulsar_rest.web.present import summary
 
 # Most output bytes in one stream message.
@@ -133,7 +134,9 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
         raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
     response = await _open_sse(request)
     with _client_may_leave():
-        await _send_task(response, bus, service, task, offset, keepalive, _guard(request))
+        await _send_task(
+            response, bus, service, request.app[STREAM_MESSAGES], task, offset, keepalive, _guard(request)
+        )
     return response
 
 
@@ -141,6 +144,7 @@ async def _send_task(
     response: web.StreamResponse,
     bus: EventBus,
     service: TaskService,
+    messages: Messages[tuple[bytes, int]],
     task: Task,
     offset: int,
     keepalive: float,
@@ -153,15 +157,17 @@ async def _send_task(
             await response.write(_sse("unauthorized", _UNAUTHORIZED, offset))
             break
         if offset < task.output.size:
-            # From inside a character (a client's offset), the text is longer than the bytes read.
             start = offset
-            text, offset = await _read_text(task, offset)
+            message, offset = await _output_event(messages, task, offset)
             if offset > start:
-                await response.write(_sse("output", {"offset": start, "output": text}, offset))
+                await response.write(message)
+                # A follower that lags reads on at once, a message a turn of the loop: the
+                # task's pipe is read between two, however many lag.
+                await asyncio.sleep(0)
                 continue
             if service.find(task.id) is None:  # its log was read while it was pruned
-                message = f"task {task.id} was removed from the history"
-                await response.write(_sse("gone", {"message": message}, offset))
+                gone = f"task {task.id} was removed from the history"
+                await response.write(_sse("gone", {"message": gone}, offset))
                 break
         if task.state_seq != state_seq:
             state_seq = task.state_seq
@@ -172,8 +178,11 @@ async def _send_task(
             break
         if bus.closed:
             break
-        if await bus.wait(task_topic(task.id), keepalive) is None and not bus.closed:
-            await response.write(b": keep-alive\n\n")
+        if await bus.wait(task_topic(task.id), keepalive) is None:
+            if not bus.closed:
+                await response.write(b": keep-alive\n\n")
+        elif not task.status.ended:
+            await fanout.tick()  # with the other followers woken by the same output
 
 
 @contextlib.contextmanager
@@ -181,6 +190,20 @@ def _client_may_leave() -> Iterator[None]:
     # A client that goes away while an event is being written ends its stream: no error.
     with contextlib.suppress(ConnectionResetError):
         yield
+
+
+async def _output_event(messages: Messages[tuple[bytes, int]], task: Task, offset: int) -> tuple[bytes, int]:
+    """The `output` event of the bytes from `offset` on (at most CHUNK), and the offset after
+    them: made once for all the followers that ask for the same range (its bytes never
+    change). From inside a character (a client's offset), the text is longer than the bytes."""
+    end = min(task.output.size, offset + CHUNK)
+    key = (task.id, offset, end)
+    found = messages.find(key)
+    if found is None:
+        data = complete_chars(await task.output.read(offset, end - offset))
+        text, after = data.decode(errors="replace"), offset + len(data)
+        found = messages.keep(key, (_sse("output", {"offset": offset, "output": text}, after), after))
+    return found
 
 
 async def _read_text(task: Task, offset: int) -> tuple[str, int]:

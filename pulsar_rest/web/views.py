@@ -21,10 +21,10 @@ from pulsar_rest.auth.grants import Role
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.output import OutputLog, complete_chars
 from pulsar_rest.tasks import Task, TaskStatus
-from pulsar_rest.web import params
+from pulsar_rest.web import fanout, params
 from pulsar_rest.web.auth import IDENTITY
 from pulsar_rest.web.errors import VERSION, ApiError
-from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, RESERVED, SERVICE, SETTINGS
+from pulsar_rest.web.keys import ANSWERS, AUDIT, BUS, OUTPUT_ANSWERS, RESERVED, SERVICE, SETTINGS
 from pulsar_rest.web.present import iso, summary
 
 T = TypeVar("T")
@@ -234,10 +234,25 @@ async def _output_from(
             410, f"offset {offset} is past the end of the output ({task.output.size} bytes): read it again"
         )
     deadline = asyncio.get_running_loop().time() + timeout
+    waited = False
     while not (ready := _output_ready(task, offset, limit)):
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0 or await bus.wait(task_topic(task.id), remaining) is None:
             break
+        waited = True
+    if waited and ready and not task.status.ended:
+        await fanout.tick()  # with the other followers woken by the same output
+    # The answer is made once for every follower that asks the same of the task as it is.
+    key = (task.id, offset, limit, task.version, bus.seq, ready)
+    body = request.app[OUTPUT_ANSWERS].find(key)
+    if body is None:
+        body = await _output_answer(task, offset, limit, ready, bus.seq)
+        if key[3:5] == (task.version, bus.seq):  # not moved on meanwhile (a read from the file)
+            request.app[OUTPUT_ANSWERS].keep(key, body)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _output_answer(task: Task, offset: int, limit: int, ready: bool, seq: int) -> bytes:
     data = await task.output.read(offset, limit) if ready else b""
     if not task.status.ended and b"\n" in data:
         data = data[: data.rindex(b"\n") + 1]
@@ -245,18 +260,17 @@ async def _output_from(
         data = complete_chars(data)  # a line longer than an answer: cut between characters
     next_offset = offset + len(data)
     complete = task.status.ended and next_offset >= task.output.size
-    return _json(
-        {
-            "changed": bool(data) or complete,
-            "output": data.decode(errors="replace"),
-            "offset": offset,
-            "nextOffset": next_offset,
-            "size": task.output.size,
-            "complete": complete,
-            "task": summary(task),
-            "seq": bus.seq,
-        }
-    )
+    answer = {
+        "changed": bool(data) or complete,
+        "output": data.decode(errors="replace"),
+        "offset": offset,
+        "nextOffset": next_offset,
+        "size": task.output.size,
+        "complete": complete,
+        "task": summary(task),
+        "seq": seq,
+    }
+    return json.dumps(answer).encode()
 
 
 async def task_state(request: web.Request) -> web.Response:

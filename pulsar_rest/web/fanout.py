@@ -1,0 +1,51 @@
+"""Many followers of one task: what they are sent is made once, and they are woken together.
+
+Followers of a running task (`/task/:id/stream`, `/task/:id/output?offset=`) are woken by
+each piece of output the task writes. Woken for every piece and each making its own answer,
+200 followers of a task writing 1 MB/s spent the event loop's time encoding the same bytes
+200 times, read the task's pipe late, and so slowed the deploy itself. Instead, a follower
+woken by output waits for the next tick of a shared clock (every TICK seconds): followers
+woken by the same output wake in the same turn of the loop, at the same offset, and the
+message for that range is encoded once (a small cache of recent messages) and written to
+each. A follower that lags behind reads its own ranges, in large pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+# The fan-out clock: the most a follower's message is held back to be shared (the lag it
+# adds), and the fewest messages a second a follower gets while output flows.
+TICK = 0.04
+# Messages kept for followers that come for the same range: a few ticks of every task
+# followed at once (each at most a stream's or an answer's chunk).
+KEPT = 64
+
+V = TypeVar("V")
+
+
+async def tick() -> None:
+    """Wait for the next tick of the clock shared by every follower."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(TICK - loop.time() % TICK)  # a shared clock's beat, not a synchronisation
+
+
+class Messages(Generic[V]):
+    """Encoded messages by what they hold (task, range, state): made by the first follower
+    that needs one, reused by the others, the oldest forgotten first."""
+
+    def __init__(self, kept: int = KEPT) -> None:
+        self._kept = kept
+        self._made: OrderedDict[Hashable, V] = OrderedDict()
+
+    def find(self, key: Hashable) -> V | None:
+        return self._made.get(key)
+
+    def keep(self, key: Hashable, message: V) -> V:
+        self._made[key] = message
+        if len(self._made) > self._kept:
+            self._made.popitem(last=False)
+        return message
