@@ -25,6 +25,41 @@ class UnknownTarget(LookupError):
     """The repository has no such app, or no such environment for it."""
 
 
+_NAMESPACE = re.compile(r"^(\s*)namespace\s+:?['\"]?(\w+)")
+_TASK = re.compile(r"^(\s*)task\s+:?['\"]?([\w-]+)")
+_DESC = re.compile(r"^\s*desc\s")
+
+
+def described_tasks(conf: Path) -> list[str]:
+    """The tasks of the recipes (recipes/**/*.rake and *.rb) that have a description, with
+    their namespaces, sorted: what `cap -T` lists, read from the files (no Ruby runs). For
+    suggestions only: a recipe written unusually may be missed."""
+    found: set[str] = set()
+    for path in sorted((conf / "recipes").rglob("*")) if (conf / "recipes").is_dir() else []:
+        if path.suffix not in (".rake", ".rb") or not path.is_file():
+            continue
+        spaces: list[tuple[int, str]] = []  # the open namespaces, by indentation
+        described = False
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            indent = len(line) - len(line.lstrip())
+            if line.strip() == "end" and spaces and indent == spaces[-1][0]:
+                spaces.pop()  # the namespace's own end
+                continue
+            while spaces and indent <= spaces[-1][0]:
+                spaces.pop()  # a line at a namespace's level or above: it has ended
+            if namespace := _NAMESPACE.match(line):
+                spaces.append((len(namespace.group(1)), namespace.group(2)))
+            elif task := _TASK.match(line):
+                if described:
+                    found.add(":".join([*(name for _, name in spaces), task.group(2)]))
+                described = False
+            elif _DESC.match(line):
+                described = True
+    return sorted(found)
+
+
 def apps(conf: Path) -> dict[str, list[str]]:
     """`{app: [environments]}`, sorted, as `pulsar list` shows them: the entries of apps/
     but Capfile and deploy.rb; an app's environments are its *.rb files but deploy.rb. Like

@@ -180,6 +180,13 @@ class TaskService:
         tree, _ = await self._config.conf.current()
         return confrepo.apps(tree)
 
+    async def described_tasks(self) -> list[str]:
+        """The tasks of the configuration repository's recipes that have a description."""
+        if self._config.conf is None:
+            raise NoConfigRepo()
+        tree, _ = await self._config.conf.current()
+        return confrepo.described_tasks(tree)
+
     def counts(self) -> dict[str, int]:
         """How many tasks there are of each status (only statuses some task has)."""
         counts: dict[str, int] = {}

@@ -70,11 +70,14 @@ class ThreadedGitHub:
 
 
 def conf_repo(path: Path) -> Path:
-    """A plain-directory configuration repository with APPS, each with `prod` and `staging`."""
+    """A plain-directory configuration repository with APPS, each with `prod` and `staging`,
+    and a recipe that describes one task."""
     for app in APPS:
         (path / "apps" / app).mkdir(parents=True)
         for env in ("prod", "staging"):
             (path / "apps" / app / f"{env}.rb").write_text(f"# {app} on {env}\n")
+    (path / "recipes").mkdir()
+    (path / "recipes" / "ops.rake").write_text("namespace :ops do\n  desc 'Restart'\n  task :restart\nend\n")
     return path
 
 

@@ -157,6 +157,14 @@ async def test_cap_task_succeeds_with_output_line_by_line(cap_client: Client) ->
 
 
 @needs_cap
+async def test_the_demo_s_big_log(cap_client: Client) -> None:
+    done = await finished(cap_client, (await _run(cap_client, "demo:chatter", DEMO_LINES="3000"))["id"])
+    assert done["status"] == "finished"
+    assert "line 1 of 3000: all is well\n" in done["output"]
+    assert "line 3000 of 3000: all is well\n" in done["output"]
+
+
+@needs_cap
 async def test_cap_task_failure_is_failed(cap_client: Client) -> None:
     done = await finished(cap_client, (await _run(cap_client, "demo:fail"))["id"])
     assert done["status"] == "failed" and done["exitCode"] != 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
+from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable, described_tasks
 from tests.conftest import ClientFactory, create, eventually, finished, get_json, git, post_json, release
 from tests.test_capistrano import needs_cap
 
@@ -50,6 +50,45 @@ async def test_a_missing_branch_is_unavailable(conf_git: Path, tmp_path: Path) -
     # At start, the command turns this into its one-line error (see test_cli).
     with pytest.raises(RepoUnavailable, match="branch nope"):
         await ConfigRepo(str(conf_git), "nope", tmp_path / "kept").current()
+
+
+async def test_the_tasks_the_recipes_describe_are_offered(make_client: ClientFactory, conf_git: Path) -> None:
+    client = await make_client(config_repo=str(conf_git), config_branch="deploy", config_fetch_interval=0)
+    tasks = (await get_json(client, "/tasks/available"))["tasks"]
+    assert tasks == ["demo:chatter", "demo:fail", "demo:hang", "demo:progress"]
+    assert (await get_json(await make_client(), "/tasks/available", expect=503))["error"]["status"] == 503
+
+
+def test_described_tasks_are_read_with_their_namespaces(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes" / "ops"
+    recipes.mkdir(parents=True)
+    (recipes / "db.rake").write_text(
+        "# a comment: task :commented\n"
+        "namespace :db do\n"
+        "  desc 'Back up'\n"
+        "  task :backup do\n"
+        "    on roles(:db) do\n"
+        "      execute :true\n"
+        "    end\n"
+        "  end\n"
+        "\n"
+        "  task :undescribed do\n"
+        "  end\n"
+        "  namespace :replica do\n"
+        '    desc "Promote"\n'
+        "    task :promote do\n"
+        "    end\n"
+        "  end\n"
+        "\n"
+        "  desc 'Vacuum'\n"
+        "  task :vacuum\n"
+        "end\n"
+        "desc 'At the top'\n"
+        "task :top\n"
+    )
+    (recipes / "notes.txt").write_text("desc 'x'\ntask :not_a_recipe\n")
+    assert described_tasks(tmp_path) == ["db:backup", "db:replica:promote", "db:vacuum", "top"]
+    assert described_tasks(tmp_path / "nowhere") == []
 
 
 async def test_a_repository_gone_later_is_a_503(make_client: ClientFactory, conf_git: Path) -> None:

@@ -251,10 +251,12 @@ def test_deploy_from_the_form_and_watch_the_lines_arrive(server: Server, alice: 
     expect(alice.locator("#t-status")).to_have_text("finished")
     expect(alice.locator(f"#row-{task_id} .badge")).to_have_text("finished")
     expect(alice.locator("#t-meta")).to_contain_text("Exit code")
-    # The task just run is offered again for that app, after deploy.
+    # The task just run is offered again for that app, after deploy; then the tasks the
+    # configuration repository describes.
     options = alice.locator("#f-tasks option")
     expect(options.first).to_have_attribute("value", "deploy")
     expect(alice.locator('#f-tasks option[value="gate[go]"]')).to_have_count(1)
+    expect(options.last).to_have_attribute("value", "ops:restart")
 
 
 def test_kill_from_the_button(server: Server, alice: Page) -> None:

@@ -155,7 +155,7 @@ async def test_every_route_answers_errors_in_the_envelope(client: Client) -> Non
                 assert resp.status == 404, (route.method, path)
                 assert_envelope(await resp.json(), 404)
             seen += 1
-    assert seen == 27  # every route of the API and the page's files, HEAD aside
+    assert seen == 28  # every route of the API and the page's files, HEAD aside
 
 
 async def test_no_tasks_were_created_by_bad_requests(client: Client) -> None:

@@ -670,6 +670,26 @@ PATHS: Json = {
             ),
         )
     },
+    "/tasks/available": {
+        "get": _operation(
+            "availableTasks",
+            "The tasks the configuration repository describes, as cap -T lists them (suggestions)",
+            "read",
+            {
+                "200": _answer(
+                    "the tasks of its recipes that have a description, with their namespaces",
+                    {
+                        "type": "object",
+                        "required": ["tasks"],
+                        "properties": {"tasks": {"type": "array", "items": {"type": "string"}}},
+                    },
+                )
+            },
+            tag="tasks",
+            description="Read from the recipes' files, not by running Capistrano: for suggestions "
+            "(the console's Task field). 503 when the configuration repository is not a directory here.",
+        )
+    },
     "/tasks/created": {
         "get": _operation(
             "tasksCreated",

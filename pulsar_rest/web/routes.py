@@ -47,6 +47,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/apps", views.list_apps, _READ),
     Route("GET", "/tasks", views.list_tasks, _READ),
     Route("GET", "/tasks/created", views.tasks_created, _READ),
+    Route("GET", "/tasks/available", views.available_tasks, _READ),
     Route("GET", "/events", streams.events, _READ, head=False),
     Route("GET", "/websocket", streams.websocket, _READ, head=False),
     Route("GET", TASK, views.get_task, _READ),

@@ -145,6 +145,11 @@ async def list_apps(request: web.Request) -> web.Response:
     return _json(await request.app[SERVICE].apps())
 
 
+async def available_tasks(request: web.Request) -> web.Response:
+    """The tasks the configuration repository describes (suggestions: see confrepo)."""
+    return _json({"tasks": await request.app[SERVICE].described_tasks()})
+
+
 async def get_task(request: web.Request) -> web.Response:
     body = await request.app[ANSWERS].body(params.task(request), changed=False)
     return web.Response(body=body, content_type="application/json")

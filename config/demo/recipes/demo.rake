@@ -19,6 +19,13 @@ namespace :demo do
     end
   end
 
+  desc "Print many numbered lines (DEMO_LINES, 100,000 by default): a big log"
+  task :chatter do
+    lines = Integer(ENV.fetch("DEMO_LINES", "100000"))
+    lines.times { |i| $stdout.puts "line #{i + 1} of #{lines}: all is well" }
+    $stdout.flush
+  end
+
   desc "Run until stopped"
   task :hang do
     on roles(:app) do

@@ -47,7 +47,8 @@ export class DeployForm {
     this.suggest();
   }
 
-  /** The task's datalist: deploy first, then the tasks this user ran for the app (newest first). */
+  /** The task's datalist: deploy first, then the tasks this user ran for the app (newest
+   * first), then the tasks the configuration repository describes. */
   async suggest() {
     const app = $("f-app").value;
     const names = ["deploy"];
@@ -64,6 +65,14 @@ export class DeployForm {
         // suggestions only
       }
     }
+    if (this.described === undefined) {
+      try {
+        this.described = (await request("tasks/available")).tasks;
+      } catch {
+        this.described = []; // no configuration repository here: suggestions only
+      }
+    }
+    for (const name of this.described) if (!names.includes(name)) names.push(name);
     if ($("f-app").value !== app) return;
     $("f-tasks").replaceChildren(...names.map((name) => el("option", { value: name })));
   }
