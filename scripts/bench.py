@@ -464,6 +464,9 @@ async def fan_out(quick: bool) -> None:
     seconds = 3.0 if quick else FANOUT_SECONDS
     runs = [("SSE", 200, 1_000_000), ("SSE", 200, 10_000_000), ("SSE", 1000, 100_000),
             ("long-poll", 200, 1_000_000), ("long-poll", 1000, 100_000)]  # fmt: skip
+    if os.environ.get("BENCH_FANOUT"):  # e.g. "SSE,200,10000000": one run only
+        kind, followers, asked = os.environ["BENCH_FANOUT"].split(",")
+        runs = [(kind, int(followers), int(asked))]
     if quick:
         runs = [("SSE", 20, 1_000_000), ("long-poll", 20, 1_000_000)]
     with server() as srv:

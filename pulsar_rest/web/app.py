@@ -22,7 +22,7 @@ from pulsar_rest.store import SqliteStore
 from pulsar_rest.web.auth import Gatekeeper, auth_middleware
 from pulsar_rest.web.console import on_prepare
 from pulsar_rest.web.errors import error_middleware
-from pulsar_rest.web.fanout import Messages
+from pulsar_rest.web.fanout import Budget, Messages
 from pulsar_rest.web.keys import (
     ANSWERS,
     AUDIT,
@@ -118,8 +118,9 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT] = Audit(store)
     service.on_end.append(app[METRICS].task_ended)
     app[ANSWERS] = AnswerCache()
-    app[STREAM_MESSAGES] = Messages()
-    app[OUTPUT_ANSWERS] = Messages()
+    budget = Budget()  # shared by both kinds of followers
+    app[STREAM_MESSAGES] = Messages(budget)
+    app[OUTPUT_ANSWERS] = Messages(budget)
     app[BUS] = bus
     app[SERVICE] = service
     await service.start()

@@ -20,6 +20,10 @@ from typing import Generic, TypeVar
 # The fan-out clock: the most a follower's message is held back to be shared (the lag it
 # adds), and the fewest messages a second a follower gets while output flows.
 TICK = 0.04
+# Bytes of output made into messages (read and encoded) each tick, for all followers
+# together: followers that lag cost a bounded share of the event loop, and the tasks' pipes
+# are read however many lag (a deploy never waits for its audience). About 100 MB/s.
+BUDGET = 4 * 1024 * 1024
 # Messages kept for followers that come for the same range: a few ticks of every task
 # followed at once (each at most a stream's or an answer's chunk).
 KEPT = 64
@@ -33,11 +37,33 @@ async def tick() -> None:
     await asyncio.sleep(TICK - loop.time() % TICK)  # a shared clock's beat, not a synchronisation
 
 
+class Budget:
+    """What followers may make per tick (BUDGET bytes): a follower that needs a message no
+    other made waits for the next tick once this one's is spent."""
+
+    def __init__(self, per_tick: int = BUDGET) -> None:
+        self._per_tick = per_tick
+        self._tick = -1
+        self._left = 0
+
+    async def spend(self, amount: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = int(loop.time() // TICK)
+            if now != self._tick:
+                self._tick, self._left = now, self._per_tick
+            if self._left > 0:
+                self._left -= amount
+                return
+            await tick()
+
+
 class Messages(Generic[V]):
     """Encoded messages by what they hold (task, range, state): made by the first follower
     that needs one, reused by the others, the oldest forgotten first."""
 
-    def __init__(self, kept: int = KEPT) -> None:
+    def __init__(self, budget: Budget, kept: int = KEPT) -> None:
+        self.budget = budget
         self._kept = kept
         self._made: OrderedDict[Hashable, V] = OrderedDict()
 

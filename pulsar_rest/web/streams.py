@@ -200,6 +200,7 @@ async def _output_event(messages: Messages[tuple[bytes, int]], task: Task, offse
     key = (task.id, offset, end)
     found = messages.find(key)
     if found is None:
+        await messages.budget.spend(end - offset)
         data = complete_chars(await task.output.read(offset, end - offset))
         text, after = data.decode(errors="replace"), offset + len(data)
         found = messages.keep(key, (_sse("output", {"offset": offset, "output": text}, after), after))

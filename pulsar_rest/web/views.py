@@ -249,11 +249,13 @@ async def _output_from(
         await fanout.tick()  # with the other followers woken by the same output
     # The answer is made once for every follower that asks the same of the task as it is.
     key = (task.id, offset, limit, task.version, bus.seq, ready)
-    body = request.app[OUTPUT_ANSWERS].find(key)
+    answers = request.app[OUTPUT_ANSWERS]
+    body = answers.find(key)
     if body is None:
+        await answers.budget.spend(min(limit, task.output.size - offset) if ready else 0)
         body = await _output_answer(task, offset, limit, ready, bus.seq)
         if key[3:5] == (task.version, bus.seq):  # not moved on meanwhile (a read from the file)
-            request.app[OUTPUT_ANSWERS].keep(key, body)
+            answers.keep(key, body)
     return web.Response(body=body, content_type="application/json")
 
 
