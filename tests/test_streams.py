@@ -21,6 +21,7 @@ from aiohttp import web
 from pulsar_rest import runner
 from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.settings import Settings
+from pulsar_rest.web import fanout
 from pulsar_rest.web.app import RUN_BITS
 from pulsar_rest.web.keys import BUS, SERVICE
 from pulsar_rest.web.streams import CHUNK
@@ -750,3 +751,12 @@ async def test_a_stalled_follower_holds_a_bounded_buffer_and_delays_nobody(clien
         assert 0 < stuck < 2 * CHUNK * 2, buffered  # waiting, with about a message held
     finally:
         stalled.close()
+
+
+async def test_followers_make_a_bounded_amount_of_messages_a_tick() -> None:
+    loop = asyncio.get_running_loop()
+    budget = fanout.Budget(per_tick=100)
+    before = int(loop.time() // fanout.TICK)
+    await budget.spend(250)  # more than a tick's, at once: this tick's budget is spent
+    await budget.spend(1)  # so this one waits for the next tick
+    assert int(loop.time() // fanout.TICK) > before
