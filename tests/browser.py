@@ -30,7 +30,7 @@ ARTIFACTS = Path(__file__).with_name("artifacts")  # screenshots, one a test (gi
 ALICE_TOKEN, BOB_TOKEN = "console-alice-token", "console-bob-token"
 # Apps of the test configuration repository: one per test that holds an environment, so
 # that the tests of one server never find each other's deploys in the way.
-APPS = ("web", "api", "big", "colours", "flood", "follow", "kill", "busy", "lines", "readonly")
+APPS = ("web", "api", "big", "colours", "flood", "follow", "kill", "busy", "lines", "readonly", "hidden")
 
 
 def chromium() -> str:

@@ -279,6 +279,41 @@ def test_kill_from_the_button(server: Server, alice: Page) -> None:
     assert asked == [f"Kill task #{task['id']} kill/prod hang?"]
 
 
+# Counts the page's EventSources that are not closed (the page's own streams).
+_COUNT_STREAMS = """
+const Real = window.EventSource;
+const sources = [];
+window.EventSource = class extends Real {
+  constructor(...args) { super(...args); sources.push(this); }
+};
+window.openStreams = () => sources.filter((s) => s.readyState !== Real.CLOSED).length;
+"""
+_SET_HIDDEN = """hidden => {
+  Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+  Object.defineProperty(document, "visibilityState", {
+    configurable: true, get: () => (hidden ? "hidden" : "visible"),
+  });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def test_a_hidden_tab_streams_nothing_and_catches_up_when_shown(server: Server, alice: Page) -> None:
+    task = server.create("hidden", "gate[more]")
+    alice.add_init_script(_COUNT_STREAMS)
+    alice.goto(server.url + f"#task={task['id']}")
+    expect(line(alice, "waiting for more")).to_be_visible()
+    alice.wait_for_function("window.openStreams() === 2")  # the list's and the task's
+    alice.evaluate(_SET_HIDDEN, True)
+    alice.wait_for_function("window.openStreams() === 0")
+    server.release("more")
+    assert server.ended(task["id"])["status"] == "finished"
+    expect(line(alice, "passed more")).to_have_count(0)  # nothing came while hidden
+    alice.evaluate(_SET_HIDDEN, False)
+    expect(line(alice, "passed more")).to_be_visible()  # caught up from its offset
+    expect(alice.locator("#t-status")).to_have_text("finished")
+    expect(alice.locator(f"#row-{task['id']} .badge")).to_have_text("finished")
+
+
 def test_busy_names_the_holder_offers_to_queue_and_goes_away(server: Server, alice: Page) -> None:
     holder = server.create("busy", "hang")
     alice.goto(server.url)
