@@ -5,6 +5,7 @@ runner together; knows nothing of HTTP."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -145,6 +146,9 @@ class TaskService:
         # The tasks not ended (queued, created, running), oldest first: what a create and an
         # end look through, whatever the history's length.
         self._live: dict[int, Task] = {t.id: t for t in self._tasks.values() if not t.status.ended}
+        # The ended tasks by status, kept up as tasks end and are pruned: counting is not a
+        # pass over the history (the live ones are counted from _live).
+        self._ended = collections.Counter(t.status.value for t in self._tasks.values() if t.status.ended)
         self._children: dict[int, runner.ChildProcess] = {}
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
@@ -189,10 +193,9 @@ class TaskService:
 
     def counts(self) -> dict[str, int]:
         """How many tasks there are of each status (only statuses some task has)."""
-        counts: dict[str, int] = {}
-        for task in self._tasks.values():
-            counts[task.status.value] = counts.get(task.status.value, 0) + 1
-        return counts
+        counts = collections.Counter(task.status.value for task in self._live.values())
+        counts.update(self._ended)
+        return {status: count for status, count in counts.items() if count}
 
     @property
     def running(self) -> int:
@@ -213,6 +216,7 @@ class TaskService:
         self._live.clear()
         for task in orphans:
             task.end(TaskStatus.INTERRUPTED)
+            self._ended[task.status.value] += 1
             self._store.save(task)
             self._publish(task, EventKind.CHANGED)
             log.warning("task %d was %s when the server stopped: interrupted", task.id, "running")
@@ -401,6 +405,7 @@ class TaskService:
         if doomed:
             for task in doomed:
                 del self._tasks[task.id]
+                self._ended[task.status.value] -= 1
             await self._store.delete(doomed)
             log.info("pruned %d old tasks (%d to %d)", len(doomed), doomed[0].id, doomed[-1].id)
 
@@ -559,6 +564,7 @@ class TaskService:
             await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal, kill_signal=kill_signal)
         del self._live[task.id]
+        self._ended[task.status.value] += 1
         task.variables = {}  # its values may be secrets, and it will not run again
         self._kill_requested.discard(task.id)
         self._store.save(task)

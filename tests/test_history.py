@@ -117,6 +117,8 @@ async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
     await eventually(lambda: not (logs / f"{done[1]['id']}.log").exists(), what="the pruning")
     listed = await get_json(client, "/tasks")
     assert listed["ids"] == [done[3]["id"], done[2]["id"], running["id"]]
+    # The counts are kept up as tasks end and go: they are those of the history.
+    assert (await get_json(client, "/status"))["tasks"] == {"finished": 2, "running": 1}
     for old in done[:2]:
         await get_json(client, f"/task/{old['id']}", 404)
         assert not (logs / f"{old['id']}.log").exists()
@@ -124,6 +126,7 @@ async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
     release(gates, "r")  # ended, it is the oldest: pruned at once
     await eventually(lambda: not (logs / f"{running['id']}.log").exists(), what="the pruning")
     await get_json(client, f"/task/{running['id']}", 404)
+    assert (await get_json(client, "/status"))["tasks"] == {"finished": 2}
 
 
 async def test_retention_by_age_at_start(make_client: ClientFactory) -> None:
