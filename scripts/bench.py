@@ -520,7 +520,7 @@ async def paced_task(
         while not (await api(session, srv, "GET", f"/task/{task['id']}/state?timeout=60"))["changed"]:
             pass
         ended = await api(session, srv, "GET", f"/task/{task['id']}")
-    wrote = re.search(r"wrote (\d+) bytes in ([\d.]+) s", ended["output"])
+    wrote = re.search(r"wrote (\d+) bytes in ([\d.]+) s, ([\d.]+) s of it in writes", ended["output"])
     assert wrote, ended["output"][-300:]
     lags = [lag for result in results for lag in result["lags"]]
     problems = [problem for result in results for problem in result["problems"]]
@@ -528,7 +528,9 @@ async def paced_task(
         for got in result["sizes"]:
             if got != ended["outputSize"]:
                 problems.append(f"a follower got {got} bytes of {ended['outputSize']}")
-    return int(wrote.group(1)) / float(wrote.group(2)), lags, problems
+    size, seconds, waited = int(wrote.group(1)), float(wrote.group(2)), float(wrote.group(3))
+    print(f"  ({followers} {kind}: the task's writes waited {waited:.2f} s of {seconds:.1f})")
+    return size / seconds, lags, problems
 
 
 async def follower_client(port: int, task_id: int, kind: str, count: int) -> None:

@@ -755,7 +755,7 @@ async def test_a_stalled_follower_holds_a_bounded_buffer_and_delays_nobody(clien
 
 async def test_followers_make_a_bounded_amount_of_messages_a_tick() -> None:
     loop = asyncio.get_running_loop()
-    budget = fanout.Budget(per_tick=100)
+    budget = fanout.Budget(100)
     before = int(loop.time() // fanout.TICK)
     await budget.spend(250)  # more than a tick's, at once: this tick's budget is spent
     await budget.spend(1)  # so this one waits for the next tick

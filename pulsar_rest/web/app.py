@@ -19,6 +19,7 @@ from pulsar_rest.metrics import Live, Metrics
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import SqliteStore
+from pulsar_rest.web import fanout
 from pulsar_rest.web.auth import Gatekeeper, auth_middleware
 from pulsar_rest.web.console import on_prepare
 from pulsar_rest.web.errors import error_middleware
@@ -118,9 +119,9 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT] = Audit(store)
     service.on_end.append(app[METRICS].task_ended)
     app[ANSWERS] = AnswerCache()
-    budget = Budget()  # shared by both kinds of followers
-    app[STREAM_MESSAGES] = Messages(budget)
-    app[OUTPUT_ANSWERS] = Messages(budget)
+    made, sent = Budget(fanout.MADE), Budget(fanout.SENT)  # for both kinds of followers
+    app[STREAM_MESSAGES] = Messages(made, sent)
+    app[OUTPUT_ANSWERS] = Messages(made, sent)
     app[BUS] = bus
     app[SERVICE] = service
     await service.start()

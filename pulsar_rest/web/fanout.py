@@ -20,10 +20,12 @@ from typing import Generic, TypeVar
 # The fan-out clock: the most a follower's message is held back to be shared (the lag it
 # adds), and the fewest messages a second a follower gets while output flows.
 TICK = 0.04
-# Bytes of output made into messages (read and encoded) each tick, for all followers
-# together: followers that lag cost a bounded share of the event loop, and the tasks' pipes
-# are read however many lag (a deploy never waits for its audience). About 100 MB/s.
-BUDGET = 4 * 1024 * 1024
+# Bytes of output made into messages (read and encoded), and bytes of messages sent, each
+# tick, for all followers together: however many follow or lag, they cost a bounded share
+# of the event loop, and the tasks' pipes are read (a deploy never waits for its audience).
+# About 100 MB/s made and 400 MB/s sent; beyond that, followers fall behind.
+MADE = 4 * 1024 * 1024
+SENT = 16 * 1024 * 1024
 # Messages kept for followers that come for the same range: a few ticks of every task
 # followed at once (each at most a stream's or an answer's chunk).
 KEPT = 64
@@ -38,10 +40,10 @@ async def tick() -> None:
 
 
 class Budget:
-    """What followers may make per tick (BUDGET bytes): a follower that needs a message no
-    other made waits for the next tick once this one's is spent."""
+    """What followers may make (or send) per tick: a follower that needs more waits for the
+    next tick once this one's is spent."""
 
-    def __init__(self, per_tick: int = BUDGET) -> None:
+    def __init__(self, per_tick: int) -> None:
         self._per_tick = per_tick
         self._tick = -1
         self._left = 0
@@ -62,8 +64,8 @@ class Messages(Generic[V]):
     """Encoded messages by what they hold (task, range, state): made by the first follower
     that needs one, reused by the others, the oldest forgotten first."""
 
-    def __init__(self, budget: Budget, kept: int = KEPT) -> None:
-        self.budget = budget
+    def __init__(self, made: Budget, sent: Budget, kept: int = KEPT) -> None:
+        self.made, self.sent = made, sent
         self._kept = kept
         self._made: OrderedDict[Hashable, V] = OrderedDict()
 

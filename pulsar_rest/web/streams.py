@@ -160,6 +160,7 @@ async def _send_task(
             start = offset
             message, offset = await _output_event(messages, task, offset)
             if offset > start:
+                await messages.sent.spend(len(message))
                 await response.write(message)
                 # A follower that lags reads on at once, a message a turn of the loop: the
                 # task's pipe is read between two, however many lag.
@@ -200,7 +201,7 @@ async def _output_event(messages: Messages[tuple[bytes, int]], task: Task, offse
     key = (task.id, offset, end)
     found = messages.find(key)
     if found is None:
-        await messages.budget.spend(end - offset)
+        await messages.made.spend(end - offset)
         data = complete_chars(await task.output.read(offset, end - offset))
         text, after = data.decode(errors="replace"), offset + len(data)
         found = messages.keep(key, (_sse("output", {"offset": offset, "output": text}, after), after))

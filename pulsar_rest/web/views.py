@@ -252,10 +252,11 @@ async def _output_from(
     answers = request.app[OUTPUT_ANSWERS]
     body = answers.find(key)
     if body is None:
-        await answers.budget.spend(min(limit, task.output.size - offset) if ready else 0)
+        await answers.made.spend(min(limit, task.output.size - offset) if ready else 0)
         body = await _output_answer(task, offset, limit, ready, bus.seq)
         if key[3:5] == (task.version, bus.seq):  # not moved on meanwhile (a read from the file)
             answers.keep(key, body)
+    await answers.sent.spend(len(body))
     return web.Response(body=body, content_type="application/json")
 
 
