@@ -204,7 +204,7 @@ class SqliteStore:
         db = self._connection()
         errors: list[sqlite3.Error | None] = []
         try:
-            db.execute("BEGIN")
+            db.execute("BEGIN IMMEDIATE")  # waits for the lock, as the upgrade's
             for statement, values in writes:
                 try:
                     db.execute(statement, values)
@@ -250,8 +250,10 @@ class SqliteStore:
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.executescript(_SCHEMA)
         # An upgrade is whole or not at all: a crash or an error in the middle leaves the
-        # database as it was.
-        db.execute("BEGIN")
+        # database as it was. IMMEDIATE: it reads, then writes; a deferred transaction whose
+        # snapshot another connection wrote after (the token command, another server) would
+        # fail at once ("database is locked") instead of waiting for the lock.
+        db.execute("BEGIN IMMEDIATE")
         try:
             run = self._upgrade(db)
             db.execute("COMMIT")
@@ -356,7 +358,7 @@ class SqliteStore:
 
     def _delete(self, ids: list[int]) -> None:
         assert self._db is not None
-        self._db.execute("BEGIN")
+        self._db.execute("BEGIN IMMEDIATE")
         self._db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id in ids])
         self._db.execute("COMMIT")
 

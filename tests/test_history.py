@@ -249,10 +249,44 @@ async def test_writes_of_one_turn_share_a_commit_and_a_failed_one_spares_the_oth
         records, total = await store.audit_page(0, 10)
         assert [(r.who, r.action) for r in records] == [("bob", "kill"), ("alice", "create")]
         assert total == 2
-        assert [s for s in statements if s in ("BEGIN", "COMMIT")] == ["BEGIN", "COMMIT"]
+        assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
         assert "cannot write to" in caplog.text and "no such table: nowhere" in caplog.text
     finally:
         await store.close()
+
+
+async def test_a_start_beside_another_writer_waits_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection (the token command, a second server) writes while a store opens:
+    the opening's upgrade, which reads and then writes, holds the lock from its start, so
+    neither fails at once with "database is locked" (a deferred transaction would)."""
+    first = SqliteStore(tmp_path)
+    await first.open()
+    await first.close()
+    other = sqlite3.connect(tmp_path / DB_NAME, timeout=0.05, isolation_level=None, check_same_thread=False)
+    wrote: list[bool] = []
+    real = SqliteStore._meta
+
+    def meta(self: SqliteStore, key: str) -> str | None:
+        value = real(self, key)
+        try:  # between the upgrade's read and its write
+            other.execute(
+                "INSERT INTO audit (at, action, detail) VALUES ('2026-12-06T00:00:00+00:00', 'create', '')"
+            )
+            wrote.append(True)
+        except sqlite3.OperationalError:
+            wrote.append(False)  # it waited for the lock the opening holds, and gave up
+        return value
+
+    monkeypatch.setattr(SqliteStore, "_meta", meta)
+    store = SqliteStore(tmp_path)
+    try:
+        await store.open()
+    finally:
+        await store.close()
+        other.close()
+    assert wrote and not any(wrote)
 
 
 async def test_an_upgrade_that_fails_changes_nothing(tmp_path: Path) -> None:
