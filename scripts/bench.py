@@ -529,7 +529,11 @@ async def paced_task(
             if got != ended["outputSize"]:
                 problems.append(f"a follower got {got} bytes of {ended['outputSize']}")
     size, seconds, waited = int(wrote.group(1)), float(wrote.group(2)), float(wrote.group(3))
-    print(f"  ({followers} {kind}: the task's writes waited {waited:.2f} s of {seconds:.1f})")
+    # A client process busy all the time is a bottleneck of its own: the lags then say more
+    # about the clients than about the server.
+    busy = ", ".join(f"{result['busy']:.0%}" for result in results)
+    print(f"  ({followers} {kind}: the task's writes waited {waited:.2f} s of {seconds:.1f}; ", end="")
+    print(f"clients busy {busy})" if busy else "no client)")
     return size / seconds, lags, problems
 
 
@@ -587,8 +591,10 @@ async def follower_client(port: int, task_id: int, kind: str, count: int) -> Non
         writer.close()
         sizes.append(offset)
 
+    started, cpu = time.monotonic(), time.process_time()
     await asyncio.gather(*((sse if kind == "SSE" else long_poll)() for _ in range(count)))
-    print(json.dumps({"lags": lags, "problems": problems, "sizes": sizes}))
+    busy = (time.process_time() - cpu) / (time.monotonic() - started)
+    print(json.dumps({"lags": lags, "problems": problems, "sizes": sizes, "busy": busy}))
 
 
 async def rate(job: Callable[[], Awaitable[None]], count: int, concurrency: int) -> float:
