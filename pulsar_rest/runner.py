@@ -204,10 +204,8 @@ class ChildProcess:
         if self._leader.popen.returncode is None:  # not collected: the pid is still the leader's
             tops.append(self.pid)
         for pid in SUBREAPER.adopted():
-            with contextlib.suppress(psutil.Error, OSError):
-                proc = psutil.Process(pid)
+            with contextlib.suppress(OSError):
                 if os.getpgid(pid) == self.pgid or _marker(pid) == self._marker:
-                    found.add(proc)
                     tops.append(pid)
         for top in tops:
             with contextlib.suppress(psutil.Error):

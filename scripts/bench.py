@@ -641,32 +641,21 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, handl
 async def minimal_long_polls(count: int, body: bytes) -> list[float]:
     """Wake-up latencies of `count` long-polls on MINIMAL_LONG_POLL, from the POST that
     releases them, with the same client as ours."""
-    with tempfile.TemporaryDirectory(prefix="pulsar-rest-bench-") as work:
-        (Path(work) / "body.json").write_bytes(body)
-        with socket_free_port() as port:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", MINIMAL_LONG_POLL, str(Path(work) / "body.json"), str(port)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "Running on" in line:
-                    break
-            polls = await open_waiters(port, "/wait", count)
-            async with aiohttp.ClientSession() as session:
-                url = f"http://127.0.0.1:{port}"
+    with (
+        tempfile.TemporaryDirectory(prefix="pulsar-rest-bench-") as work,
+        minimal_server(MINIMAL_LONG_POLL, Path(work), body) as port,
+    ):
+        polls = await open_waiters(port, "/wait", count)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}"
 
-                async def waiting() -> int:
-                    return int(await (await session.get(f"{url}/count")).text())
+            async def waiting() -> int:
+                return int(await (await session.get(f"{url}/count")).text())
 
-                await wait_for_count(waiting, count, "the minimal server")
-                sent = time.time()
-                await (await session.post(f"{url}/go")).read()
-                results = await asyncio.gather(*polls)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+            await wait_for_count(waiting, count, "the minimal server")
+            sent = time.time()
+            await (await session.post(f"{url}/go")).read()
+            results = await asyncio.gather(*polls)
     return [received - sent for _, _, received in results]
 
 
@@ -700,21 +689,8 @@ async def task_reads(seconds: float, connections: int = 50) -> None:
             async with session.get(f"{srv.url}/task/{task['id']}") as resp:
                 body = await resp.read()
         ours = await hammer(srv.port, f"/task/{task['id']}", seconds, connections)
-        (srv.work / "body.json").write_bytes(body)
-        with socket_free_port() as port:
-            minimal = subprocess.Popen(
-                [sys.executable, "-c", MINIMAL_APP, str(srv.work / "body.json"), str(port)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-        try:
-            assert minimal.stdout is not None
-            for line in minimal.stdout:
-                if "Running on" in line:
-                    break
+        with minimal_server(MINIMAL_APP, srv.work, body) as port:
             base = await hammer(port, "/task/1", seconds, connections)
-        finally:
-            minimal.terminate()
-            minimal.wait(10)
     ratio = ours / base
     row(
         "6 task reads",
@@ -722,6 +698,27 @@ async def task_reads(seconds: float, connections: int = 50) -> None:
         f"{ours:.0f} pulsar-rest, {base:.0f} minimal handler ({len(body)} B)",
     )
     row("6 task reads", "ratio to the minimal handler", f"{ratio:.2f}", "≥ 0.5", ratio >= 0.5)
+
+
+@contextlib.contextmanager
+def minimal_server(code: str, work: Path, body: bytes) -> Iterator[int]:
+    """A baseline aiohttp server (`code`, run as its own process, answering `body`) on a
+    free port, once it serves; its port."""
+    (work / "body.json").write_bytes(body)
+    with socket_free_port() as port:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(work / "body.json"), str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Running on" in line:
+                break
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextlib.contextmanager

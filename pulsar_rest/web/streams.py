@@ -162,9 +162,10 @@ async def _send_task(
             if offset > start:
                 await messages.sent.spend(len(message))
                 await response.write(message)
-                # A follower that lags reads on at once, a message a turn of the loop: the
-                # task's pipe is read between two, however many lag.
-                await asyncio.sleep(0)
+                if offset < task.output.size:
+                    # A follower that lags reads on at once, a message a turn of the loop:
+                    # the task's pipe is read between two, however many lag.
+                    await asyncio.sleep(0)
                 continue
             if service.find(task.id) is None:  # its log was read while it was pruned
                 gone = f"task {task.id} was removed from the history"
@@ -202,15 +203,15 @@ async def _output_event(messages: Messages[tuple[bytes, int]], task: Task, offse
     found = messages.find(key)
     if found is None:
         await messages.made.spend(end - offset)
-        data = complete_chars(await task.output.read(offset, end - offset))
-        text, after = data.decode(errors="replace"), offset + len(data)
+        text, after = await _read_text(task, offset, end - offset)
         found = messages.keep(key, (_sse("output", {"offset": offset, "output": text}, after), after))
     return found
 
 
-async def _read_text(task: Task, offset: int) -> tuple[str, int]:
-    """Output from `offset` as text of whole characters, and the offset after it."""
-    data = complete_chars(await task.output.read(offset, CHUNK))
+async def _read_text(task: Task, offset: int, limit: int = CHUNK) -> tuple[str, int]:
+    """Output from `offset` (at most `limit` bytes) as text of whole characters, and the
+    offset after it."""
+    data = complete_chars(await task.output.read(offset, limit))
     return data.decode(errors="replace"), offset + len(data)
 
 

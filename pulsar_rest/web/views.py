@@ -252,7 +252,8 @@ async def _output_from(
     answers = request.app[OUTPUT_ANSWERS]
     body = answers.find(key)
     if body is None:
-        await answers.made.spend(min(limit, task.output.size - offset) if ready else 0)
+        if ready:  # an empty answer (the wait's end) costs nothing to make
+            await answers.made.spend(min(limit, task.output.size - offset))
         body = await _output_answer(task, offset, limit, ready, bus.seq)
         if key[3:5] == (task.version, bus.seq):  # not moved on meanwhile (a read from the file)
             answers.keep(key, body)
