@@ -13,7 +13,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 from pulsar_rest import confrepo, pulsar, runner
 from pulsar_rest.events import EventBus, EventKind
 from pulsar_rest.names import check_action, check_name
-from pulsar_rest.store import TaskStore
+from pulsar_rest.store import TaskFilter, TaskStore
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -133,22 +133,33 @@ def _redacted(environ: dict[str, str], variables: dict[str, str], values: set[st
 PRUNE_EVERY = 3600.0
 # How often exited processes the server adopted from tasks are collected.
 REAP_EVERY = 1.0
+# Ended tasks kept in memory, the most recently ended or asked for: those a console or a
+# follower asks for again and again. The others are read from the store when asked for.
+RECENT = 500
 
 
 class TaskService:
     def __init__(
-        self, store: TaskStore, bus: EventBus, config: RunConfig, history: Iterable[Task] = ()
+        self,
+        store: TaskStore,
+        bus: EventBus,
+        config: RunConfig,
+        live: Iterable[Task] = (),
+        ended: Mapping[str, int] | None = None,
     ) -> None:
+        """`live`: the tasks the store holds that have not ended; `ended`: how many ended
+        tasks it holds, by status. The history itself stays in the store."""
         self._store = store
         self._bus = bus
         self._config = config
-        self._tasks: dict[int, Task] = {task.id: task for task in history}  # oldest first
-        # The tasks not ended (queued, created, running), oldest first: what a create and an
-        # end look through, whatever the history's length.
-        self._live: dict[int, Task] = {t.id: t for t in self._tasks.values() if not t.status.ended}
-        # The ended tasks by status, kept up as tasks end and are pruned: counting is not a
-        # pass over the history (the live ones are counted from _live).
-        self._ended = collections.Counter(t.status.value for t in self._tasks.values() if t.status.ended)
+        # The tasks not ended (queued, created, running), oldest first: the only ones that
+        # change, and what a create and an end look through.
+        self._live: dict[int, Task] = {task.id: task for task in live}
+        # Ended tasks recently seen, least recent first (at most RECENT).
+        self._recent: collections.OrderedDict[int, Task] = collections.OrderedDict()
+        # The ended tasks by status, kept up as tasks end and are pruned (the live ones are
+        # counted from _live): /status and the metrics count without asking the store.
+        self._ended = collections.Counter(ended or {})
         self._children: dict[int, runner.ChildProcess] = {}
         self._kill_requested: set[int] = set()
         self._paused: set[int] = set()  # tasks whose output waits for the disk
@@ -163,19 +174,58 @@ class TaskService:
         self.output_bytes = 0
         self.on_end: list[Callable[[Task], None]] = []  # told of each task's end
 
-    def get(self, task_id: int) -> Task:
-        task = self._tasks.get(task_id)
+    async def get(self, task_id: int) -> Task:
+        task = await self.find(task_id)
         if task is None:
             raise TaskNotFound(task_id)
         return task
 
-    def find(self, task_id: int) -> Task | None:
+    async def find(self, task_id: int) -> Task | None:
         """The task, or None if there is none (it may have been pruned)."""
-        return self._tasks.get(task_id)
+        return (await self.find_many((task_id,))).get(task_id)
 
-    def tasks(self) -> Iterable[Task]:
-        """Every task, oldest first."""
-        return list(self._tasks.values())
+    async def find_many(self, task_ids: Iterable[int]) -> dict[int, Task]:
+        """The tasks of these ids that there are (some may have been pruned), by id. A task
+        not ended is always the same object, which changes as the task goes on."""
+        found: dict[int, Task] = {}
+        missing: list[int] = []
+        for task_id in task_ids:
+            task = self._known(task_id)
+            if task is not None:
+                found[task_id] = task
+            else:
+                missing.append(task_id)
+        if missing:
+            for task_id, task in (await self._store.find(missing)).items():
+                # A task that ended while the store was read is in memory, and is the same.
+                found[task_id] = self._known(task_id) or self._remember(task)
+        return found
+
+    async def page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
+        """The tasks that match, newest first, from `offset` (at most `limit`), and how many
+        match in all."""
+        tasks, total = await self._store.page(where, offset, limit)
+        return [self._known(task.id) or task for task in tasks], total
+
+    def live(self) -> list[Task]:
+        """The tasks not ended: queued, created or running, oldest first."""
+        return list(self._live.values())
+
+    def _known(self, task_id: int) -> Task | None:
+        task = self._live.get(task_id)
+        if task is None:
+            task = self._recent.get(task_id)
+            if task is not None:
+                self._recent.move_to_end(task_id)
+        return task
+
+    def _remember(self, task: Task) -> Task:
+        """Keep an ended task among the recent ones (the least recently seen goes)."""
+        self._recent[task.id] = task
+        self._recent.move_to_end(task.id)
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+        return task
 
     async def apps(self) -> dict[str, list[str]]:
         """The apps of the configuration repository's current commit, with their environments."""
@@ -216,6 +266,7 @@ class TaskService:
         self._live.clear()
         for task in orphans:
             task.end(TaskStatus.INTERRUPTED)
+            self._remember(task)
             self._ended[task.status.value] += 1
             self._store.save(task)
             self._publish(task, EventKind.CHANGED)
@@ -284,8 +335,8 @@ class TaskService:
             stdout=self._store.new_output(task_id, stdout=True) if stdout else None,
         )
         task.output.on_written = lambda count: self._publish(task, EventKind.OUTPUT)
-        self._tasks[task.id] = task
         self._live[task.id] = task
+        self._store.save(task)  # listed from now on: lists are the store's
         self._ends[task.id] = asyncio.get_running_loop().create_future()
         self._publish(task, EventKind.CREATED)
         # Who asked is in the audit's line; the command, in the line of its start (or queue).
@@ -315,7 +366,7 @@ class TaskService:
 
     async def kill(self, task_id: int, by: str | None = None) -> Task:
         """Ask a task to stop (SIGTERM to its tree, SIGKILL after the grace period)."""
-        task = self.get(task_id)
+        task = await self.get(task_id)
         if task.status.ended:
             raise TaskEnded(task)
         if task_id not in self._kill_requested:
@@ -334,7 +385,7 @@ class TaskService:
     async def processes(self, task_id: int, environment: bool = False) -> list[runner.ProcessInfo]:
         """The live process tree of a running task (none once it has ended); with
         `environment`, each process's environment, its secrets replaced by ***."""
-        task = self.get(task_id)
+        task = await self.get(task_id)
         child = self._children.get(task_id)
         if child is None or task.status.ended:
             return []
@@ -395,19 +446,16 @@ class TaskService:
 
     async def prune(self) -> None:
         """Remove the oldest ended tasks beyond --retain-tasks or --retain-days."""
-        ended = [task for task in self._tasks.values() if task.status.ended]
-        doomed: list[Task] = []
-        if self._config.retain_tasks is not None:
-            doomed = ended[: max(0, len(ended) - self._config.retain_tasks)]
-        if self._config.retain_days is not None:
-            cutoff = utcnow() - timedelta(days=self._config.retain_days)
-            doomed += [t for t in ended[len(doomed) :] if (t.finished_at or t.created_at) < cutoff]
-        if doomed:
-            for task in doomed:
-                del self._tasks[task.id]
-                self._ended[task.status.value] -= 1
-            await self._store.delete(doomed)
-            log.info("pruned %d old tasks (%d to %d)", len(doomed), doomed[0].id, doomed[-1].id)
+        keep, days = self._config.retain_tasks, self._config.retain_days
+        if keep is not None and days is None and sum(self._ended.values()) <= keep:
+            return  # nothing to ask the store (after each task's end)
+        cutoff = None if days is None else utcnow() - timedelta(days=days)
+        pruned = await self._store.prune(keep, cutoff)
+        for task_id, status in pruned:
+            self._recent.pop(task_id, None)
+            self._ended[status.value] -= 1
+        if pruned:
+            log.info("pruned %d old tasks (%d to %d)", len(pruned), pruned[0][0], pruned[-1][0])
 
     async def _prune_periodically(self) -> None:
         while True:
@@ -564,6 +612,7 @@ class TaskService:
             await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
         task.end(status, exit_code=exit_status.code, signal=exit_status.signal, kill_signal=kill_signal)
         del self._live[task.id]
+        self._remember(task)
         self._ended[task.status.value] += 1
         task.variables = {}  # its values may be secrets, and it will not run again
         self._kill_requested.discard(task.id)

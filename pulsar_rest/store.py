@@ -3,6 +3,10 @@
 The service talks to the `TaskStore` interface only, so another store (PostgreSQL shared by
 several instances) replaces this one without touching it. Every database call runs in one
 thread of its own, in order: a long-poll's wake-up never waits on a disk write.
+
+The store is the history: the service holds only the tasks that have not ended, and asks
+the store for the others. Lists are answered from indexes and from counts kept by triggers,
+so a page costs the same whether the history holds a thousand tasks or a million.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ T = TypeVar("T")
 
 DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,7 +65,40 @@ CREATE TABLE IF NOT EXISTS tasks (
     variable_names TEXT NOT NULL DEFAULT '[]',
     kill_signal TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+-- Lists: each index holds every column a list filters on, so a page is read from the index
+-- alone, in id order, whatever the filter (schema 6).
+DROP INDEX IF EXISTS tasks_status;
+CREATE INDEX IF NOT EXISTS tasks_listed ON tasks (id, app, env, status, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id, app, env, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, id, env, status, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_env ON tasks (env, id, app, status, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_creator ON tasks (created_by, id, app, env, status);
+-- How many tasks there are of each app, environment, status and creator ('' for none): a
+-- list's total, and the counts of /status, without counting rows (schema 6).
+CREATE TABLE IF NOT EXISTS task_counts (
+    app TEXT NOT NULL,
+    env TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (app, env, status, created_by)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS tasks_counted AFTER INSERT ON tasks BEGIN
+    INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_recounted AFTER UPDATE OF app, env, status, created_by ON tasks
+WHEN (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''))
+    IS NOT (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, '')) BEGIN
+    UPDATE task_counts SET n = n - 1
+        WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
+    INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_uncounted AFTER DELETE ON tasks BEGIN
+    UPDATE task_counts SET n = n - 1
+        WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
+END;
 -- pulsar-rest's own API tokens: only a hash of each (schema 5).
 CREATE TABLE IF NOT EXISTS api_tokens (
     name TEXT PRIMARY KEY,
@@ -87,9 +124,32 @@ _COLUMNS = (
     "signal, created_by, killed_by, marker, created_seq, state_seq, output_size, conf_commit, stdout, "
     "variable_names, kill_signal"
 )
-# Built from the constant above only: no value ever goes into the text of a statement.
-_SELECT_ALL = f"SELECT {_COLUMNS} FROM tasks ORDER BY id"  # noqa: S608
-_UPSERT = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * (_COLUMNS.count(',') + 1))})"  # noqa: S608
+_ENDED = tuple(status.value for status in TaskStatus if status.ended)
+_NOT_ENDED = tuple(status.value for status in TaskStatus if not status.ended)
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+# Built from the constants above only: no value ever goes into the text of a statement.
+_SELECT = f"SELECT {_COLUMNS} FROM tasks"  # noqa: S608
+_SELECT_LIVE = f"{_SELECT} WHERE status IN ({_marks(len(_NOT_ENDED))}) ORDER BY id"
+# An update, not a replacement (a delete and an insert): the triggers count it as a change.
+_UPSERT = (
+    f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_marks(_COLUMNS.count(',') + 1)}) "  # noqa: S608
+    "ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS.split(", ")[1:])
+)
+# The index a list reads when it filters on this column (tasks_listed without a filter).
+_INDEXES = {
+    "app": "tasks_by_app",
+    "env": "tasks_by_env",
+    "status": "tasks_by_status",
+    "created_by": "tasks_by_creator",
+}
+# Ids in one query of find (SQLite allows 32,766 values in a statement).
+_FIND_CHUNK = 500
 
 
 class StoreError(RuntimeError):
@@ -98,15 +158,43 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class History:
-    """What a store holds at start: the tasks (oldest first), and this run's number."""
+    """What a store holds at start: the tasks not ended (oldest first), how many ended
+    tasks there are of each status, and this run's number."""
 
-    tasks: list[Task]
+    live: list[Task]
+    ended: dict[str, int]
     run: int
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a list shows: those whose fields equal each one given."""
+
+    app: str | None = None
+    env: str | None = None
+    status: str | None = None
+    created_by: str | None = None
+
+    def terms(self) -> list[tuple[str, str]]:
+        """The fields given, each as its column's name and the value it must have."""
+        fields = {"app": self.app, "env": self.env, "status": self.status, "created_by": self.created_by}
+        return [(column, value) for column, value in fields.items() if value is not None]
 
 
 class TaskStore(Protocol):
     async def open(self) -> History:
-        """Open (creating it if needed) and load the history; each open is a new run."""
+        """Open (creating it if needed) and load the tasks not ended; each open is a new run."""
+
+    async def find(self, task_ids: Iterable[int]) -> dict[int, Task]:
+        """The tasks of these ids that are in the history, by id."""
+
+    async def page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
+        """The tasks that match, newest first, from `offset`, at most `limit`; and how many
+        match in all."""
+
+    async def prune(self, keep: int | None, before: datetime | None) -> list[tuple[int, TaskStatus]]:
+        """Remove the oldest ended tasks beyond the newest `keep`, and those ended `before`,
+        with their output; return which were removed."""
 
     def next_id(self) -> int:
         """A task id never handed out before, even by an earlier run."""
@@ -119,9 +207,6 @@ class TaskStore(Protocol):
 
     def save(self, task: Task) -> None:
         """Record a change of `task` (status, pid, times, who killed it), in order, soon."""
-
-    async def delete(self, tasks: Iterable[Task]) -> None:
-        """Remove ended tasks and their output."""
 
     async def close(self) -> None:
         """Write what is pending and let go of the files."""
@@ -232,7 +317,6 @@ class SqliteStore:
             ) from None
         except OSError as exc:
             raise StoreError(f"--data-dir {self._data_dir}: {exc.strerror or exc}") from None
-        self._last_id = max((task.id for task in history.tasks), default=self._last_id)
         return history
 
     def _open(self) -> History:
@@ -260,10 +344,15 @@ class SqliteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        rows = db.execute(_SELECT_ALL).fetchall()
+        rows = db.execute(_SELECT_LIVE, _NOT_ENDED).fetchall()
+        ended = db.execute(
+            f"SELECT status, sum(n) FROM task_counts WHERE status IN ({_marks(len(_ENDED))}) "  # noqa: S608
+            "GROUP BY status HAVING sum(n) > 0",
+            _ENDED,
+        ).fetchall()
         last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
         self._last_id = last[0] if last else 0
-        return History([self._task(row) for row in rows], run)
+        return History([self._task(row) for row in rows], dict(ended), run)
 
     def _upgrade(self, db: sqlite3.Connection) -> int:
         """Bring the schema to this version's, and count this run; return its number."""
@@ -277,6 +366,14 @@ class SqliteStore:
             db.execute("ALTER TABLE tasks ADD COLUMN variable_names TEXT NOT NULL DEFAULT '[]'")
         if version < 4:
             db.execute("ALTER TABLE tasks ADD COLUMN kill_signal TEXT")
+        if version < 6:
+            # The triggers count from now on; what was there before is counted once. (A
+            # crash before the commit leaves version 5, and this is done again.)
+            db.execute("DELETE FROM task_counts")
+            db.execute(
+                "INSERT INTO task_counts SELECT app, env, status, coalesce(created_by, ''), count(*) "
+                "FROM tasks GROUP BY 1, 2, 3, 4"
+            )
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
         return run
@@ -348,19 +445,101 @@ class SqliteStore:
         # The row is taken now, as the task is; the write follows the earlier ones.
         self._queue(_UPSERT, self._row(task))
 
-    async def delete(self, tasks: Iterable[Task]) -> None:
-        doomed = [task for task in tasks if task.status.ended]
-        await self._call(self._delete, [task.id for task in doomed])
-        for task in doomed:
-            task.output.path.unlink(missing_ok=True)
-            if task.stdout is not None:
-                task.stdout.path.unlink(missing_ok=True)
+    async def prune(self, keep: int | None, before: datetime | None) -> list[tuple[int, TaskStatus]]:
+        return await self._call(self._prune, keep, before)
 
-    def _delete(self, ids: list[int]) -> None:
-        assert self._db is not None
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id in ids])
-        self._db.execute("COMMIT")
+    def _prune(self, keep: int | None, before: datetime | None) -> list[tuple[int, TaskStatus]]:
+        db = self._connection()
+        ended = _marks(len(_ENDED))
+        doomed: list[tuple[int, str, int]] = []
+        if keep is not None:
+            counted = f"SELECT coalesce(sum(n), 0) FROM task_counts WHERE status IN ({ended})"  # noqa: S608
+            total = db.execute(counted, _ENDED).fetchone()[0]
+            if total > keep:
+                # Oldest first, in the order of ids (+status: not by the status index, which
+                # would sort every ended task to find the oldest).
+                doomed += db.execute(
+                    f"SELECT id, status, stdout FROM tasks WHERE +status IN ({ended}) ORDER BY id LIMIT ?",  # noqa: S608
+                    (*_ENDED, total - keep),
+                ).fetchall()
+        if before is not None:
+            # Ids follow creation: no task created after the first one created since `before`
+            # can have ended before it, so the scan stops there (not at the end of the history).
+            cutoff = before.isoformat()
+            doomed += db.execute(
+                f"SELECT id, status, stdout FROM tasks WHERE id > ? AND status IN ({ended}) "  # noqa: S608
+                "AND id < coalesce((SELECT min(id) FROM tasks WHERE created_at >= ?), 1 << 62) "
+                "AND coalesce(finished_at, created_at) < ? ORDER BY id",
+                (doomed[-1][0] if doomed else 0, *_ENDED, cutoff, cutoff),
+            ).fetchall()
+        if not doomed:
+            return []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id, _, _ in doomed])
+            db.execute("DELETE FROM task_counts WHERE n = 0")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # After the commit: a log is never gone while its task is still listed.
+        for task_id, _, stdout in doomed:
+            self._log_path(task_id).unlink(missing_ok=True)
+            if stdout:
+                self._log_path(task_id, stdout=True).unlink(missing_ok=True)
+        return [(task_id, TaskStatus(status)) for task_id, status, _ in doomed]
+
+    async def find(self, task_ids: Iterable[int]) -> dict[int, Task]:
+        return await self._call(self._find, list(task_ids))
+
+    def _find(self, task_ids: list[int]) -> dict[int, Task]:
+        db = self._connection()
+        found: dict[int, Task] = {}
+        for start in range(0, len(task_ids), _FIND_CHUNK):
+            chunk = task_ids[start : start + _FIND_CHUNK]
+            for row in db.execute(f"{_SELECT} WHERE id IN ({_marks(len(chunk))})", chunk):
+                found[row[0]] = self._task(row)
+        return found
+
+    async def page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
+        return await self._call(self._page, where, offset, limit)
+
+    def _page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
+        if where.created_by == "":
+            return [], 0  # no one's name ('' stands for no creator in the counts)
+        db = self._connection()
+        terms = where.terms()
+        condition = " AND ".join(f"{column} = ?" for column, _ in terms) or "1"
+        values = tuple(value for _, value in terms)
+        # From the counts, in one pass: how many match, and how many match each term alone.
+        # The list reads the index of the term that matches fewest: it skips the fewest entries.
+        alone = "".join(f", sum(n) FILTER (WHERE {column} = ?)" for column, _ in terms)
+        counts = db.execute(
+            f"SELECT sum(n) FILTER (WHERE {condition}){alone} FROM task_counts",  # noqa: S608
+            (*values, *values),
+        ).fetchone()
+        total = counts[0] or 0
+        end = min(total, offset + limit)
+        if offset >= end:
+            return [], total
+        index = min(((count, _INDEXES[column]) for count, (column, _) in zip(counts[1:], terms, strict=True)),
+                    default=(0, "tasks_listed"))[1]  # fmt: skip
+        # OFFSET steps through each entry it skips: the page's first id is found in the index
+        # alone, and a page in the older half from the oldest end, so no page skips more than
+        # half of what matches.
+        if offset <= total - end:
+            order, edge, skip = "DESC", "<=", offset
+        else:
+            order, edge, skip = "ASC", ">=", total - end
+        tasks = f"tasks INDEXED BY {index} WHERE {condition}"
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM {tasks} AND id {edge} (SELECT id FROM {tasks} "  # noqa: S608
+            f"ORDER BY id {order} LIMIT 1 OFFSET ?) ORDER BY id {order} LIMIT ?",
+            (*values, *values, skip, end - offset),
+        ).fetchall()
+        if order == "ASC":
+            rows.reverse()
+        return [self._task(row) for row in rows], total
 
     async def ping(self) -> None:
         await self._call(lambda: self._connection().execute("SELECT 1").fetchone())

@@ -221,7 +221,7 @@ async def test_wait_ends_with_a_kill(client: Client) -> None:
     waiting = asyncio.ensure_future(client.post("/app/prod", json={"action": "hang", "wait": True}))
     await eventually(lambda: client.app is not None and client.app[SERVICE].running == 1, what="the task")
     assert client.app is not None
-    (task,) = [t for t in client.app[SERVICE].tasks() if t.status.going]
+    (task,) = [t for t in client.app[SERVICE].live() if t.status.going]
     assert (await client.post(f"/task/{task.id}/kill")).status == 200
     resp = await waiting
     assert resp.status == 200 and (await resp.json())["task"]["status"] == "killed"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +18,8 @@ import pytest
 
 from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.settings import Settings
-from pulsar_rest.store import DB_NAME, SqliteStore, StoreError
+from pulsar_rest.store import DB_NAME, SqliteStore, StoreError, TaskFilter
+from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web.app import shutdown
 from pulsar_rest.web.keys import SERVICE
 from tests.conftest import (
@@ -187,7 +190,7 @@ async def test_variable_names_are_history_and_values_never_are(
     task = await finished(client, answer["taskId"])
     assert json.loads(task["output"].splitlines()[0]) == {"RELEASE": "v1.2"}
     assert client.app is not None
-    assert client.app[SERVICE].get(task["id"]).variables == {}  # not kept once it has ended
+    assert (await client.app[SERVICE].get(task["id"])).variables == {}  # not kept once it has ended
     await client.close()
     again = await make_client()
     assert (await get_json(again, f"/task/{task['id']}"))["taskVariables"] == ["RELEASE", "TOKEN"]
@@ -219,7 +222,9 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
     store = SqliteStore(tmp_path)
     history = await store.open()
     try:
-        (task,) = history.tasks
+        assert history.live == [] and history.ended == {"finished": 1}
+        (task,) = (await store.find([7])).values()
+        assert (await store.page(TaskFilter(app="shop"), 0, 10))[1] == 1  # counted by the upgrade
         assert (task.id, task.app, task.status, task.conf_commit, task.stdout) == (
             7, "shop", "finished", "c0ffee", None,
         )  # fmt: skip
@@ -228,7 +233,7 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
         await store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     try:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("5",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("6",)
         row = db.execute("SELECT stdout, variable_names, kill_signal FROM tasks WHERE id = 7").fetchone()
         assert row == (0, "[]", None)
     finally:
@@ -376,3 +381,77 @@ def test_kill_9_mid_output_keeps_every_byte_and_interrupts_the_task(
     assert not alive(hanging["pid"])
     assert call(f"{base}/shop/production", {"action": "ok"})["task"]["id"] == hanging["id"] + 1
     json.dumps(after)  # the answer is plain JSON
+
+
+async def test_lists_are_queries_on_the_store_and_match_every_filter_and_page(tmp_path: Path) -> None:
+    """The store answers lists from its indexes and its counts (kept by triggers through
+    inserts, changes and prunes); each page and total must be what filtering every task
+    gives, from both ends of the history."""
+    rng = random.Random(15)
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks: dict[int, Task] = {}
+    try:
+        for _ in range(400):
+            task_id = store.next_id()
+            task = Task(
+                id=task_id,
+                app=rng.choice(["shop", "blog", "wiki"]),
+                env=rng.choice(["prod", "stage"]),
+                action="deploy",
+                command=["pulsar"],
+                output=store.new_output(task_id),
+                status=rng.choice([TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.FINISHED]),
+                created_by=rng.choice(["alice", "bob", None]),
+            )
+            tasks[task_id] = task
+            await store.add(task)
+        for task in rng.sample(list(tasks.values()), 150):  # changes recount
+            task.status = rng.choice([TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.FINISHED])
+            store.save(task)
+        pruned = await store.prune(keep=200, before=None)
+        ended = sorted(t.id for t in tasks.values() if t.status.ended)
+        assert [task_id for task_id, _ in pruned] == ended[: len(ended) - 200]  # the oldest ended
+        for task_id, status in pruned:
+            assert tasks.pop(task_id).status is status
+
+        filters = [
+            TaskFilter(),
+            TaskFilter(app="shop"),
+            TaskFilter(env="stage", status="running"),
+            TaskFilter(status="finished"),
+            TaskFilter(created_by="alice"),
+            TaskFilter(app="blog", env="prod", status="failed", created_by="bob"),
+            TaskFilter(app="nothing"),
+            TaskFilter(created_by=""),  # nobody: tasks without a creator are not ''
+        ]
+        for where in filters:
+            expected = [
+                t.id
+                for t in sorted(tasks.values(), key=lambda t: -t.id)
+                if all(getattr(t, column) == value for column, value in where.terms())
+            ]
+            for size in (7, 50):
+                for offset in range(0, len(expected) + size, size):
+                    page, total = await store.page(where, offset, size)
+                    assert total == len(expected), where
+                    assert [t.id for t in page] == expected[offset : offset + size], (where, offset)
+        (shown,), _ = await store.page(TaskFilter(), 0, 1)
+        newest = tasks[max(tasks)]
+        assert (shown.id, shown.app, shown.status, shown.created_by) == (
+            newest.id, newest.app, newest.status, newest.created_by,
+        )  # fmt: skip
+        found = await store.find([*list(tasks)[:3], pruned[0][0]])
+        assert sorted(found) == sorted(list(tasks)[:3])  # not the pruned one
+    finally:
+        await store.close()
+
+    again = SqliteStore(tmp_path)
+    history = await again.open()  # what a start loads: the live tasks and the counts only
+    try:
+        assert [t.id for t in history.live] == sorted(t.id for t in tasks.values() if not t.status.ended)
+        assert history.ended == dict(
+            collections.Counter(t.status.value for t in tasks.values() if t.status.ended)
+        )
+    finally:
+        await again.close()

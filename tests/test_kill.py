@@ -115,7 +115,7 @@ async def test_the_task_shows_who_asked_for_its_kill_at_once(make_client: Client
     before = await (await client.get(f"/task/{task['id']}")).json()  # the answer is cached now
     assert before["killedBy"] is None
     assert client.app is not None
-    stopping = client.app[SERVICE].get(task["id"])
+    stopping = await client.app[SERVICE].get(task["id"])
     killing = asyncio.create_task(client.post(f"/task/{task['id']}/kill"))
     try:
         await eventually(lambda: stopping.killed_by is not None, what="the kill request")

@@ -176,7 +176,7 @@ async def test_a_queued_task_killed_as_the_one_before_ends_never_starts(
         return await real_close(self)
 
     monkeypatch.setattr(OutputLog, "close", held_close)
-    holder, killed = service.get(first["id"]), service.get(doomed["id"])
+    holder, killed = await service.get(first["id"]), await service.get(doomed["id"])
     release(gates, "h")
     await eventually(lambda: holder.output in closing, what="the first task to be ending")
     kill = asyncio.ensure_future(client.post(f"/task/{doomed['id']}/kill"))

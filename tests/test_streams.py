@@ -437,7 +437,7 @@ async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, g
     bytes taken in is served, and the stream goes on from it once they are counted."""
     assert client.app is not None
     task_id = (await create(client, "gate[a]"))["id"]
-    output = client.app[SERVICE].get(task_id).output
+    output = (await client.app[SERVICE].get(task_id)).output
     await eventually(lambda: output.size > 0, what="the first line")
     held = threading.Event()
     writer = output._writer
@@ -516,7 +516,7 @@ async def test_task_stream_sends_what_changed_during_a_slow_write(
 
     async def slow_write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
         if bytes(data).startswith(b"event: state"):
-            task = service.get(1)
+            task = await service.get(1)
             if b'"status": "created"' in data:
                 go.set()  # the task starts while this event is being written ...
                 await eventually(lambda: task.status == "running", what="the start")

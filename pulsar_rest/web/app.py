@@ -113,7 +113,7 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
         max_running=settings.max_running,
         run_root=settings.data_dir / "runs",
     )
-    service = TaskService(store, bus, config, history.tasks)
+    service = TaskService(store, bus, config, history.live, history.ended)
     app[STORE] = store
     app[CONF] = conf
     app[AUDIT] = Audit(store)

@@ -16,8 +16,8 @@ def task_id(request: web.Request) -> int:
     return int(raw)
 
 
-def task(request: web.Request) -> Task:
-    return request.app[SERVICE].get(task_id(request))
+async def task(request: web.Request) -> Task:
+    return await request.app[SERVICE].get(task_id(request))
 
 
 def url(request: web.Request, path: str) -> str:

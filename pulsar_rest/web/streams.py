@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -75,10 +75,10 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _change(service: TaskService, event: Event) -> dict[str, Any]:
+def _change(event: Event, tasks: Mapping[int, Task]) -> dict[str, Any]:
     # `status` is the task's at the event; `task` is the task now (a replayed event may be
     # older than the task it shows), or None once the task was pruned from the history.
-    task = service.find(event.task_id)
+    task = tasks.get(event.task_id)
     return {
         "event": event.kind.value,
         "seq": event.seq,
@@ -113,8 +113,9 @@ async def _send_events(response: web.StreamResponse, request: web.Request, curso
             await response.write(_sse("reset", {"message": str(exc), "seq": bus.seq}, bus.seq))
             cursor = bus.seq
             continue
+        tasks = await service.find_many({event.task_id for event in pending})
         for event in pending:
-            await response.write(_sse(event.kind.value, _change(service, event), event.seq))
+            await response.write(_sse(event.kind.value, _change(event, tasks), event.seq))
             cursor = event.seq
         if not pending and await bus.wait(changes_topic(), keepalive) is None and not bus.closed:
             await response.write(b": keep-alive\n\n")
@@ -125,7 +126,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     `end` once it has ended and all its output was sent."""
     bus, service = request.app[BUS], request.app[SERVICE]
     keepalive = request.app[SETTINGS].keepalive
-    task = params.task(request)
+    task = await params.task(request)
     offset = _cursor(request, "offset") or 0
     # Up to the bytes taken in: a byte is in the file (GET /task/:id/log reads it) a moment
     # before it is counted in `size`, so an offset read there may be ahead of `size`. The
@@ -167,7 +168,7 @@ async def _send_task(
                     # the task's pipe is read between two, however many lag.
                     await asyncio.sleep(0)
                 continue
-            if service.find(task.id) is None:  # its log was read while it was pruned
+            if await service.find(task.id) is None:  # its log was read while it was pruned
                 gone = f"task {task.id} was removed from the history"
                 await response.write(_sse("gone", {"message": gone}, offset))
                 break
@@ -227,7 +228,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     if cursor is None:
         cursor = bus.seq
     # Output already written when the client connects is not sent again: GET the task.
-    offsets = {task.id: task.output.size for task in service.tasks() if not task.status.ended}
+    offsets = {task.id: task.output.size for task in service.live()}
     reader = asyncio.ensure_future(_drain(ws))
     try:
         with _client_may_leave():
@@ -265,12 +266,13 @@ async def _send_all(
             await ws.send_json({"event": "reset", "message": str(exc), "seq": bus.seq})
             cursor = bus.seq
             continue
+        tasks = await service.find_many({event.task_id for event in pending})
         for event in pending:
-            task = service.find(event.task_id)
+            task = tasks.get(event.task_id)
             if task is not None and event.task_id in offsets:
                 # A task's output comes before its change, so its end follows its last byte.
                 await _send_task_output(ws, task, offsets)
-            await ws.send_json(_change(service, event))
+            await ws.send_json(_change(event, tasks))
             cursor = event.seq
             if event.kind.value == "task.create":
                 offsets.setdefault(event.task_id, 0)
@@ -293,8 +295,9 @@ async def _news(bus: EventBus, seen: int) -> None:
 
 async def _send_output(ws: web.WebSocketResponse, service: TaskService, offsets: dict[int, int]) -> bool:
     sent = False
+    tasks = await service.find_many(offsets)
     for task_id in list(offsets):
-        task = service.find(task_id)
+        task = tasks.get(task_id)
         if task is None:
             del offsets[task_id]  # pruned
             continue

@@ -20,6 +20,7 @@ from pulsar_rest.audit import AuditAction
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.output import OutputLog, complete_chars
+from pulsar_rest.store import TaskFilter
 from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web import fanout, params
 from pulsar_rest.web.auth import IDENTITY
@@ -81,15 +82,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise ApiError(
             400, f"unknown status {status[:40]!r}: one of {', '.join(s.value for s in TaskStatus)}"
         )
-    matching = [
-        task
-        for task in reversed(list(request.app[SERVICE].tasks()))
-        if query.get("app", task.app) == task.app
-        and query.get("env", task.env) == task.env
-        and (status is None or task.status.value == status)
-        and query.get("createdBy", task.created_by) == task.created_by
-    ]
-    shown = matching[(page - 1) * size : page * size]
+    where = TaskFilter(query.get("app"), query.get("env"), status, query.get("createdBy"))
+    shown, total = await request.app[SERVICE].page(where, (page - 1) * size, size)
     answers = request.app[ANSWERS]
     parts = [
         f'"{task.id}": '.encode()
@@ -98,10 +92,10 @@ async def list_tasks(request: web.Request) -> web.Response:
     ]
     meta = {
         "url": params.url(request, "/"),
-        "total": len(matching),
+        "total": total,
         "page": page,
         "pageSize": size,
-        "pages": -(-len(matching) // size),
+        "pages": -(-total // size),
         "ids": [task.id for task in shown],  # newest first (a JSON object's keys may be reordered)
     }
     body = json.dumps(meta)[:-1].encode() + b', "tasks": {' + b", ".join(parts) + b"}}"
@@ -151,28 +145,28 @@ async def available_tasks(request: web.Request) -> web.Response:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    body = await request.app[ANSWERS].body(params.task(request), changed=False)
+    body = await request.app[ANSWERS].body(await params.task(request), changed=False)
     return web.Response(body=body, content_type="application/json")
 
 
 async def get_log(request: web.Request) -> web.StreamResponse:
     """The whole output as text/plain; HTTP Range reads parts of a large log."""
-    task = params.task(request)
-    return _log_file(request, task, task.output)
+    task = await params.task(request)
+    return await _log_file(request, task, task.output)
 
 
 async def get_stdout(request: web.Request) -> web.StreamResponse:
     """The task's stdout alone, when it was asked for at its creation (`stdout=true`)."""
-    task = params.task(request)
+    task = await params.task(request)
     if task.stdout is None:
         raise ApiError(404, f"task {task.id} has no stdout of its own: create a task with stdout=true")
-    return _log_file(request, task, task.stdout)
+    return await _log_file(request, task, task.stdout)
 
 
-def _log_file(request: web.Request, task: Task, log: OutputLog) -> web.StreamResponse:
+async def _log_file(request: web.Request, task: Task, log: OutputLog) -> web.StreamResponse:
     headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
     if not log.path.exists():
-        if log.size == 0 and request.app[SERVICE].find(task.id) is not None:
+        if log.size == 0 and await request.app[SERVICE].find(task.id) is not None:
             return web.Response(headers=headers)  # nothing yet: the file comes with the first byte
         raise ApiError(404, f"the output of task {task.id} is gone (pruned from the history)")
     return web.FileResponse(log.path, headers=headers)
@@ -185,32 +179,35 @@ async def tasks_created(request: web.Request) -> web.Response:
     since = params.int_param(request, "since")
     if since is None:
         event = await bus.wait(created_topic(), wait)
-        return await _changed(request, None if event is None else service.get(event.task_id))
+        return await _changed(request, None if event is None else await service.find(event.task_id))
     try:
-        created = _creations(request, since)
+        created, seq = await _creations(request, since)
         if not created and await bus.wait(created_topic(), wait):
-            created = _creations(request, since)
+            created, seq = await _creations(request, since)
     except CursorGone as exc:
         raise _gone(exc) from None
     more = len(created) > CREATED_LIMIT
     created = created[:CREATED_LIMIT]
-    tasks = [summary(service.get(e.task_id)) for e in created]
-    # Without more to come, the cursor is the current one: nothing was created in between.
-    cursor = created[-1].seq if more else bus.seq
-    return _json({"changed": bool(tasks), "tasks": tasks, "next": cursor, "more": more, "seq": bus.seq})
+    # Without more to come, the cursor is the one they were read at: nothing was created in
+    # between (what was created since is after it).
+    cursor = created[-1][0].seq if more else seq
+    tasks = [summary(task) for _, task in created]
+    return _json({"changed": bool(tasks), "tasks": tasks, "next": cursor, "more": more, "seq": seq})
 
 
-def _creations(request: web.Request, since: int) -> list[Event]:
-    """Creation events after `since` of the tasks still there (old ones may be pruned)."""
-    service = request.app[SERVICE]
-    events = request.app[BUS].since(since)
-    return [e for e in events if e.kind is EventKind.CREATED and service.find(e.task_id) is not None]
+async def _creations(request: web.Request, since: int) -> tuple[list[tuple[Event, Task]], int]:
+    """Creation events after `since` of the tasks still there (old ones may be pruned), with
+    their tasks; and the cursor they were read at."""
+    bus = request.app[BUS]
+    seq, events = bus.seq, [e for e in bus.since(since) if e.kind is EventKind.CREATED]
+    tasks = await request.app[SERVICE].find_many(e.task_id for e in events)
+    return [(e, tasks[e.task_id]) for e in events if e.task_id in tasks], seq
 
 
 async def task_output(request: web.Request) -> web.Response:
     """Long-poll for the task's next change (at once if it has ended); with `offset`, the
     output from that byte on."""
-    task = params.task(request)
+    task = await params.task(request)
     wait = params.timeout(request)
     offset = params.int_param(request, "offset")
     limit = params.int_param(request, "limit", OUTPUT_LIMIT)
@@ -286,7 +283,7 @@ async def task_state(request: web.Request) -> web.Response:
     """Long-poll for the task's end (at once if it has ended); with `since`, for its next
     status change after that cursor."""
     bus = request.app[BUS]
-    task = params.task(request)
+    task = await params.task(request)
     wait = params.timeout(request)
     since = params.int_param(request, "since")
     if since is None:
