@@ -120,10 +120,13 @@ def _remove(path: Path) -> None:
 
 
 class OutputLog:
-    def __init__(self, path: Path, writer: LogWriter | None, tail_limit: int = TAIL_LIMIT) -> None:
+    def __init__(
+        self, path: Path, writer: LogWriter | None, tail_limit: int = TAIL_LIMIT, size: int | None = None
+    ) -> None:
         """A new, empty log, written by `writer`; without a writer, the existing log of an
-        ended task, for reading. The file is made by the first write: a task that waits in a
-        queue holds no file descriptor, and one that never wrote has no file."""
+        ended task, for reading (of `size` bytes if known, else as big as its file). The file
+        is made by the first write: a task that waits in a queue holds no file descriptor,
+        and one that never wrote has no file."""
         self.path = path
         self._fd: int | None = None  # opened and closed by the writer's thread only
         self._writer = writer
@@ -140,7 +143,12 @@ class OutputLog:
         self._drain_waiters: list[asyncio.Future[None]] = []
         # Bytes in the file: all that readers see. A byte is shown to nobody before it is in
         # the file, so whatever a client was shown survives a crash of the server.
-        self.size = 0 if writer is not None or not path.exists() else path.stat().st_size
+        if writer is not None:
+            self.size = 0
+        elif size is not None:
+            self.size = size
+        else:
+            self.size = path.stat().st_size if path.exists() else 0
         self.backlog = 0  # bytes taken in, not yet in the file
         self.error: OSError | None = None  # the first write error, if the disk failed us
         # Called (on the event loop) with the count of bytes that reached the file.

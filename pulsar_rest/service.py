@@ -313,14 +313,10 @@ class TaskService:
             confrepo.check(tree, app, env)  # a 404 before anything runs
         elif self._config.pulsar_bin is None:
             raise NoConfigRepo()
-        holder = self._holder(app, env)
-        if holder is not None and not queue:
-            raise DeployBusy(holder)
-        limit = self._config.max_running
-        if holder is None and limit is not None and self.running >= limit:
-            raise TooBusy(limit)
+        self._admit(app, env, queue)  # a refusal spends no id
         argv = self._command(app, env, action, tree)
-        task_id = self._store.next_id()
+        task_id = await self._store.next_id()
+        holder = self._admit(app, env, queue)  # again: another task may have come meanwhile
         task = Task(
             id=task_id,
             app=app,
@@ -346,6 +342,17 @@ class TaskService:
             log.info("task %d queued behind task %d: %s", task.id, holder.id, " ".join(task.command))
             await asyncio.shield(self._own(self._store.add(task)))
         return task
+
+    def _admit(self, app: str, env: str, queue: bool) -> Task | None:
+        """The task a new one of `app`/`env` would wait for (None: it starts now), or why it
+        cannot be made: DeployBusy (without `queue`), TooBusy."""
+        holder = self._holder(app, env)
+        if holder is not None and not queue:
+            raise DeployBusy(holder)
+        limit = self._config.max_running
+        if holder is None and limit is not None and self.running >= limit:
+            raise TooBusy(limit)
+        return holder
 
     def _command(
         self, app: str, env: str, action: str, tree: Path | None, task_id: int | None = None

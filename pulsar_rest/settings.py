@@ -39,6 +39,8 @@ class Settings:
     config_fetch_interval: float = 5.0
     log_dir: Path | None = None
     data_dir: Path = field(default_factory=default_data_dir)
+    # PostgreSQL instead of SQLite in data_dir; its address may hold a password.
+    database: str | None = field(default=None, repr=False)
     ssl_key: Path | None = None
     ssl_cert: Path | None = None
     ssl_pfx: Path | None = None
@@ -168,6 +170,13 @@ def _url(value: object) -> str:
     return text.rstrip("/")
 
 
+def _database(value: object) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"postgres(ql)?://\S*", text):
+        raise ValueError("must be a postgresql:// address")
+    return text
+
+
 def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = str(value).strip()
@@ -207,6 +216,12 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("log-dir", _path, "directory for pulsar-rest.log, created if missing (default: stdout)", "DIR"),
     _Option("data-dir", _path, "directory for task history and output, created if missing", "DIR"),
+    _Option(
+        "database",
+        _database,
+        "keep the history in PostgreSQL (postgresql://USER@HOST/DB), not SQLite in --data-dir",
+        "URL",
+    ),
     _Option("ssl-key", _path, "TLS private key (PEM); use with --ssl-cert", "FILE"),
     _Option("ssl-cert", _path, "TLS certificate (PEM), a CA chain may follow it in the file", "FILE"),
     _Option("ssl-pfx", _path, "TLS key and certificate as PKCS#12; overrides --ssl-key/--ssl-cert", "FILE"),
@@ -371,7 +386,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None)
         try:
             values[opt.attr] = opt.parse(raw)
         except ValueError as exc:
-            shown = "***" if opt.attr == "auth_password" else repr(raw)
+            shown = "***" if opt.attr in ("auth_password", "database") else repr(raw)
             raise SettingsError(f"{source}: {shown} {exc}") from None
     values.setdefault("data_dir", default_data_dir(environ))
     for key in ("auth_read", "auth_write"):

@@ -1,6 +1,7 @@
 """`pulsar-rest token create|list|revoke`: pulsar-rest's own API tokens, for bots and CI.
 
-They work on the data directory of the server (`--data-dir`, or the `--config` file's),
+They work on the data directory of the server (`--data-dir`, or the `--config` file's; its
+PostgreSQL with `--database`),
 also while it runs: a token made now works at once, a revoked one is refused at its next
 request. A new token is printed once, alone on stdout; the database keeps only its hash.
 """
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.auth.tokens import ApiToken
 from pulsar_rest.names import InvalidName
+from pulsar_rest.pgstore import PgTokenAdmin
 from pulsar_rest.settings import SettingsError, load_settings, without_values
 from pulsar_rest.store import StoreError, TokenAdmin, TokenExists
 from pulsar_rest.tasks import utcnow
@@ -38,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     where = _Parser(add_help=False)
     where.add_argument("--data-dir", metavar="DIR", help="the server's data directory")
+    where.add_argument("--database", metavar="URL", help="the servers' PostgreSQL (postgresql://...)")
     where.add_argument("--config", metavar="FILE", help="the server's YAML settings (for its data directory)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="create|list|revoke")
     create = commands.add_parser("create", parents=[where], help="make a token and print it (once)")
@@ -58,11 +61,18 @@ def main(argv: Sequence[str]) -> int:
         args = _parser().parse_args(list(argv))
         server_args = [
             arg
-            for flag, value in (("--data-dir", args.data_dir), ("--config", args.config))
+            for flag, value in (
+                ("--data-dir", args.data_dir),
+                ("--database", args.database),
+                ("--config", args.config),
+            )
             if value is not None
             for arg in (flag, value)
         ]
-        admin = TokenAdmin(load_settings(server_args).data_dir)
+        settings = load_settings(server_args)
+        admin: TokenAdmin | PgTokenAdmin = (
+            TokenAdmin(settings.data_dir) if settings.database is None else PgTokenAdmin(settings.database)
+        )
         try:
             return _run(admin, args)
         finally:
@@ -72,7 +82,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
 
 
-def _run(admin: TokenAdmin, args: argparse.Namespace) -> int:
+def _run(admin: TokenAdmin | PgTokenAdmin, args: argparse.Namespace) -> int:
     if args.command == "create":
         if args.expires is not None and not 0 < args.expires <= 36500:
             raise SettingsError("--expires must be between 0 and 36500 days")

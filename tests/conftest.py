@@ -23,6 +23,7 @@ from pulsar_rest.settings import Settings
 from pulsar_rest.web.app import create_app
 from pulsar_rest.web.keys import BUS
 from tests.fake_github import github, make_github  # noqa: F401 (fixtures for every test module)
+from tests.postgres import Cluster, Missing, server_bin
 from tests.serving import ROOT, TIMEOUT, command, environ
 
 FAKE_PULSAR = Path(__file__).with_name("fake_pulsar.py")
@@ -207,3 +208,38 @@ def conf_git(tmp_path: Path) -> Path:
     git(repo, "add", ".")
     git(repo, "commit", "-qm", "demo")
     return repo
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """Where a test's history lives: SQLite in the data directory (None), or a database of
+    its own in the session's PostgreSQL (settings.database)."""
+    if request.param == "sqlite":
+        return None
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster (tests/postgres.py), started when a test first asks for
+    it and stopped at the session's end; a skip without PostgreSQL's server (a failure in CI:
+    .ci/run installs it)."""
+    try:
+        bindir = server_bin()
+    except Missing as missing:
+        message = f"{missing}: the PostgreSQL tests need it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI=true, so this is a failure")
+        pytest.skip(message)
+    cluster = Cluster(bindir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_cluster: Cluster) -> Iterator[str]:
+    """The DSN of a fresh, empty database of the session's cluster, dropped after the test."""
+    dsn = postgres_cluster.new_database()
+    yield dsn
+    postgres_cluster.drop_database(dsn)

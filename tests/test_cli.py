@@ -173,6 +173,12 @@ ERRORS: dict[str, Callable[[Files], tuple[list[str], list[str]]]] = {
     ),
     "log-dir-is-a-file": lambda f: (["--log-dir", f.write("file", "")], ["--log-dir"]),
     "data-dir-is-a-file": lambda f: (["--port", "0", "--data-dir", f.write("file", "")], ["--data-dir"]),
+    "database-not-postgresql": lambda f: (["--database", "mysql://pw@db/x"], ["--database: *** must be"]),
+    # Nothing listens on port 1: the password never shows in the error.
+    "database-unreachable": lambda f: (
+        ["--port", "0", "--database", "postgresql://u:s3cret@127.0.0.1:1/db"],
+        ["--database postgresql://u:***@127.0.0.1:1/db: connection failed"],
+    ),
 }
 
 

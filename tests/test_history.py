@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from pulsar_rest.audit import AuditAction, AuditRecord
+from pulsar_rest.pgstore import PgStore
 from pulsar_rest.settings import Settings
-from pulsar_rest.store import DB_NAME, SqliteStore, StoreError, TaskFilter
+from pulsar_rest.store import DB_NAME, SqliteStore, StoreError, TaskFilter, TaskStore
 from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web.app import shutdown
 from pulsar_rest.web.keys import SERVICE
@@ -37,6 +38,11 @@ from tests.conftest import (
 )
 from tests.serving import call, listening_port
 
+
+def open_store(data_dir: Path, database: str | None) -> TaskStore:
+    return SqliteStore(data_dir) if database is None else PgStore(database, data_dir)
+
+
 # Fields that must come back identical after a restart.
 KEPT = (
     "id", "status", "app", "env", "action", "exitCode", "signal", "killSignal", "pid", "command", "createdAt",
@@ -44,8 +50,10 @@ KEPT = (
 )  # fmt: skip
 
 
-async def test_history_and_output_survive_a_restart(make_client: ClientFactory, gates: Path) -> None:
-    client = await make_client()
+async def test_history_and_output_survive_a_restart(
+    make_client: ClientFactory, gates: Path, database: str | None
+) -> None:
+    client = await make_client(database=database)
     ok = await finished(client, (await create(client, "lines[3000]"))["id"])
     failed = await finished(client, (await create(client, "pulsar-fail", app="blog"))["id"])
     hanging = await create(client, "hang")
@@ -57,7 +65,7 @@ async def test_history_and_output_survive_a_restart(make_client: ClientFactory, 
     logs = {task_id: await (await client.get(f"/task/{task_id}/log")).read() for task_id in before}
     await client.close()  # a graceful stop: what still runs is killed, and recorded so
 
-    again = await make_client()
+    again = await make_client(database=database)
     for task_id, task in before.items():
         now = await get_json(again, f"/task/{task_id}")
         assert {k: now[k] for k in KEPT} == {k: task[k] for k in KEPT}
@@ -72,20 +80,23 @@ async def test_history_and_output_survive_a_restart(make_client: ClientFactory, 
     assert (await create(again, "ok"))["id"] == running["id"] + 1
 
 
-async def test_ids_are_not_reused_after_the_newest_tasks_are_pruned(make_client: ClientFactory) -> None:
-    client = await make_client()
+async def test_ids_are_not_reused_after_the_newest_tasks_are_pruned(
+    make_client: ClientFactory, database: str | None
+) -> None:
+    client = await make_client(database=database)
     last = [(await finished(client, (await create(client, "ok"))["id"]))["id"] for _ in range(3)][-1]
     await client.close()
     # Restarting with a retention of nothing removes every ended task...
-    pruned = await make_client(retain_tasks=0)
+    pruned = await make_client(retain_tasks=0, database=database)
     assert (await get_json(pruned, "/tasks"))["total"] == 0
     await pruned.close()
     # ...and still the next id is new.
-    again = await make_client()
+    again = await make_client(database=database)
     assert (await create(again, "ok"))["id"] == last + 1
 
 
-async def test_paging_and_filters(client: Client) -> None:
+async def test_paging_and_filters(make_client: ClientFactory, database: str | None) -> None:
+    client = await make_client(database=database)
     made = []
     for app, env, action in [
         ("shop", "prod", "ok"), ("shop", "stage", "ok"), ("blog", "prod", "fail"), ("shop", "prod", "fail"),
@@ -110,9 +121,9 @@ async def test_paging_and_filters(client: Client) -> None:
 
 
 async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
-    make_client: ClientFactory, gates: Path, settings: Settings
+    make_client: ClientFactory, gates: Path, settings: Settings, database: str | None
 ) -> None:
-    client = await make_client(retain_tasks=2)
+    client = await make_client(retain_tasks=2, database=database)
     running = await create(client, "gate[r]")
     done = [await finished(client, (await create(client, "ok", app=f"app{i}"))["id"]) for i in range(4)]
     # Pruned once the last one has ended: its end is published first, then the old ones go.
@@ -132,14 +143,14 @@ async def test_retention_by_count_keeps_the_newest_and_never_a_running_task(
     assert (await get_json(client, "/status"))["tasks"] == {"finished": 2}
 
 
-async def test_retention_by_age_at_start(make_client: ClientFactory) -> None:
-    client = await make_client()
+async def test_retention_by_age_at_start(make_client: ClientFactory, database: str | None) -> None:
+    client = await make_client(database=database)
     task = await finished(client, (await create(client, "ok"))["id"])
     await client.close()
-    kept = await make_client(retain_days=1)
+    kept = await make_client(retain_days=1, database=database)
     assert (await get_json(kept, "/tasks"))["ids"] == [task["id"]]
     await kept.close()
-    pruned = await make_client(retain_days=0)
+    pruned = await make_client(retain_days=0, database=database)
     assert (await get_json(pruned, "/tasks"))["ids"] == []
 
 
@@ -228,7 +239,7 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
         assert (task.id, task.app, task.status, task.conf_commit, task.stdout) == (
             7, "shop", "finished", "c0ffee", None,
         )  # fmt: skip
-        assert history.run == 5 and store.next_id() == 8
+        assert history.run == 5 and await store.next_id() == 8
     finally:
         await store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
@@ -383,17 +394,19 @@ def test_kill_9_mid_output_keeps_every_byte_and_interrupts_the_task(
     json.dumps(after)  # the answer is plain JSON
 
 
-async def test_lists_are_queries_on_the_store_and_match_every_filter_and_page(tmp_path: Path) -> None:
+async def test_lists_are_queries_on_the_store_and_match_every_filter_and_page(
+    tmp_path: Path, database: str | None
+) -> None:
     """The store answers lists from its indexes and its counts (kept by triggers through
     inserts, changes and prunes); each page and total must be what filtering every task
     gives, from both ends of the history."""
     rng = random.Random(15)
-    store = SqliteStore(tmp_path)
+    store = open_store(tmp_path, database)
     await store.open()
     tasks: dict[int, Task] = {}
     try:
         for _ in range(400):
-            task_id = store.next_id()
+            task_id = await store.next_id()
             task = Task(
                 id=task_id,
                 app=rng.choice(["shop", "blog", "wiki"]),
@@ -446,7 +459,7 @@ async def test_lists_are_queries_on_the_store_and_match_every_filter_and_page(tm
     finally:
         await store.close()
 
-    again = SqliteStore(tmp_path)
+    again = open_store(tmp_path, database)
     history = await again.open()  # what a start loads: the live tasks and the counts only
     try:
         assert [t.id for t in history.live] == sorted(t.id for t in tasks.values() if not t.status.ended)

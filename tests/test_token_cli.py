@@ -219,3 +219,32 @@ def test_the_config_file_names_the_data_directory(server: Server, tmp_path: Path
     status, answer = call("POST", f"{server.base}/shop/prod", token, {"action": "ok"})
     assert status == 200, answer
     assert answer["task"]["createdBy"] == "token:from-config"
+
+
+def test_tokens_in_postgresql_and_its_password_never_shown(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    # The test cluster trusts loopback: any password is accepted, and none may be shown.
+    dsn = postgres_dsn.replace("postgresql://postgres@", "postgresql://postgres:s3cret-pw@")
+    proc = start("--auth-provider", "token", "--database", dsn)
+    log_file = tmp_path / "logs" / "pulsar-rest.log"
+    base = f"http://127.0.0.1:{listening_port(log_file, proc)}"
+    done = run("create", "ci", "--role", "write", "--database", dsn)
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    status, answer = call("POST", f"{base}/shop/prod", token, {"action": "ok"})
+    assert (status, answer["task"]["createdBy"]) == (200, "token:ci")
+
+    def used() -> bool:
+        listed = run("list", "--json", "--database", dsn)
+        assert listed.returncode == 0, listed.stderr
+        return json.loads(listed.stdout)[0]["lastUsedAt"] is not None
+
+    wait_for(used, proc, "the use recorded in PostgreSQL")
+    assert run("revoke", "ci", "--database", dsn).returncode == 0
+    assert call("GET", f"{base}/tasks", token)[0] == 401
+    shown = log_file.read_text() + done.stderr
+    assert "postgresql://postgres:***@127.0.0.1" in shown and "s3cret-pw" not in shown
+    unreachable = run("list", "--database", "postgresql://postgres:s3cret-pw@127.0.0.1:1/none")
+    assert_one_line_error(unreachable, 2, "--database postgresql://postgres:***@127.0.0.1:1/none")
+    assert "s3cret-pw" not in unreachable.stderr

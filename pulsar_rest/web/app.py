@@ -16,9 +16,10 @@ from pulsar_rest.auth.identity import Authenticator
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
 from pulsar_rest.events import EventBus
 from pulsar_rest.metrics import Live, Metrics
+from pulsar_rest.pgstore import PgStore, shown_dsn
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
-from pulsar_rest.store import SqliteStore
+from pulsar_rest.store import SqliteStore, TaskStore
 from pulsar_rest.web import fanout
 from pulsar_rest.web.auth import Gatekeeper, auth_middleware
 from pulsar_rest.web.console import on_prepare
@@ -101,8 +102,15 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
             log.info("configuration repository %s: a plain directory (no git)", tree)
         else:
             log.info("configuration repository %s at commit %s", conf.shown_url, commit)
-    store = SqliteStore(settings.data_dir)
+    # With PostgreSQL, the output still lives in --data-dir.
+    store: TaskStore = (
+        SqliteStore(settings.data_dir)
+        if settings.database is None
+        else PgStore(settings.database, settings.data_dir)
+    )
     history = await store.open()
+    if settings.database is not None:
+        log.info("history in PostgreSQL at %s", shown_dsn(settings.database))
     bus = EventBus(last_seq=history.run << RUN_BITS)
     config = RunConfig(
         pulsar_bin=None if pulsar_bin is None else settings.pulsar_bin,

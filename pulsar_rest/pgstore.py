@@ -1,0 +1,533 @@
+"""The history in PostgreSQL (`--database postgresql://...`), behind the same `TaskStore`
+interface as SQLite: tasks, their ids, the counts that lists are answered from, the API
+tokens and the audit. The output stays in log files in the data directory.
+
+Every statement goes through one connection, in order, as SQLite's go through one thread:
+what was written before a read is there for it. The writes asked for in one turn of the
+event loop share one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from pulsar_rest.audit import AuditAction, AuditRecord
+from pulsar_rest.auth.grants import Role
+from pulsar_rest.auth.tokens import ApiToken, digest, new_token
+from pulsar_rest.names import check_name
+from pulsar_rest.output import OutputLog
+from pulsar_rest.store import (
+    History,
+    LogFiles,
+    StoreError,
+    TaskFilter,
+    TokenExists,
+    fields_of,
+    task_from,
+)
+from pulsar_rest.tasks import Task, TaskStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Connection = psycopg.AsyncConnection[tuple[Any, ...]]
+Job = tuple[Callable[[Connection], Awaitable[Any]], asyncio.Future[Any]]
+Write = tuple[sql.Composed | sql.SQL, tuple[Any, ...], asyncio.Future[None] | None]
+
+SCHEMA_VERSION = 1
+# Held while the schema is made or upgraded: instances that start together take turns.
+_SCHEMA_LOCK = 0x70756C73  # "puls"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
+-- Ids from a sequence: never handed out twice, by any instance (gaps are fine).
+CREATE SEQUENCE IF NOT EXISTS tasks_id_seq;
+CREATE TABLE IF NOT EXISTS tasks (
+    id bigint PRIMARY KEY,
+    app text NOT NULL,
+    env text NOT NULL,
+    action text NOT NULL,
+    command jsonb NOT NULL,
+    status text NOT NULL,
+    created_at timestamptz NOT NULL,
+    started_at timestamptz,
+    finished_at timestamptz,
+    pid integer,
+    exit_code integer,
+    signal text,
+    created_by text,
+    killed_by text,
+    marker text,
+    created_seq bigint NOT NULL,
+    state_seq bigint NOT NULL,
+    output_size bigint NOT NULL DEFAULT 0,
+    conf_commit text,
+    stdout boolean NOT NULL DEFAULT false,
+    variable_names jsonb NOT NULL DEFAULT '[]',
+    kill_signal text
+);
+-- Lists: a page is found in an index alone, in id order, whatever the filter (the primary
+-- key's index serves the list without one).
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id) INCLUDE (app, env, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, id) INCLUDE (env, status, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_env ON tasks (env, id) INCLUDE (app, status, created_by);
+CREATE INDEX IF NOT EXISTS tasks_by_creator ON tasks (created_by, id) INCLUDE (app, env, status);
+-- How many tasks there are of each app, environment, status and creator ('' for none).
+CREATE TABLE IF NOT EXISTS task_counts (
+    app text NOT NULL,
+    env text NOT NULL,
+    status text NOT NULL,
+    created_by text NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY (app, env, status, created_by)
+);
+CREATE OR REPLACE FUNCTION pulsar_count_task() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE task_counts SET n = n - 1 WHERE (app, env, status, created_by)
+            = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
+            ON CONFLICT (app, env, status, created_by) DO UPDATE SET n = task_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER tasks_counted AFTER INSERT OR DELETE ON tasks
+    FOR EACH ROW EXECUTE FUNCTION pulsar_count_task();
+CREATE OR REPLACE TRIGGER tasks_recounted AFTER UPDATE OF app, env, status, created_by ON tasks
+    FOR EACH ROW WHEN ((OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''))
+        IS DISTINCT FROM (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, '')))
+    EXECUTE FUNCTION pulsar_count_task();
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name text PRIMARY KEY,
+    digest text NOT NULL UNIQUE,
+    role text NOT NULL,
+    created_at timestamptz NOT NULL,
+    expires_at timestamptz,
+    last_used_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at timestamptz NOT NULL,
+    action text NOT NULL,
+    who text,
+    remote text,
+    task_id bigint,
+    detail text NOT NULL DEFAULT ''
+);
+"""
+
+_COLUMNS = (
+    "id", "app", "env", "action", "command", "status", "created_at", "started_at", "finished_at",
+    "pid", "exit_code", "signal", "created_by", "killed_by", "marker", "created_seq", "state_seq",
+    "output_size", "conf_commit", "stdout", "variable_names", "kill_signal",
+)  # fmt: skip
+_ENDED = [status.value for status in TaskStatus if status.ended]
+_NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
+_SELECT = sql.SQL("SELECT {} FROM tasks").format(sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
+_UPSERT = sql.SQL("INSERT INTO tasks ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {}").format(
+    sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
+    sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)),
+    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in _COLUMNS[1:]),
+)
+_SELECT_TOKENS = "SELECT name, role, created_at, expires_at, last_used_at FROM api_tokens"
+_LAST = 1 << 62  # beyond any id
+
+
+def shown_dsn(dsn: str) -> str:
+    """The database's address as it may be logged: never its password."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"(password=)\S+", r"\1***", dsn))
+
+
+class PgStore:
+    def __init__(self, dsn: str, data_dir: Path) -> None:
+        self._dsn = dsn
+        self.logs = LogFiles(data_dir)
+        self._conn: Connection | None = None
+        # Every statement, in order: (what to run on the connection, who awaits its result).
+        self._jobs: asyncio.Queue[
+            tuple[Callable[[Connection], Awaitable[Any]], asyncio.Future[Any]] | None
+        ] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        # Writes asked for in this turn of the event loop, with what awaits each (if any).
+        self._pending: list[Write] = []
+
+    # -- the connection, and the order of statements ------------------------------------------
+
+    async def _connect(self) -> Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                log.warning("the connection to %s was lost: connecting again", shown_dsn(self._dsn))
+            # UTC: times come back as they went in (the API shows them with a Z).
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
+            )
+        return self._conn
+
+    async def _work(self) -> None:
+        while (job := await self._jobs.get()) is not None:
+            run, done = job
+            try:
+                result = await run(await self._connect())
+            except Exception as exc:  # it goes to whoever awaits it
+                if not done.done():
+                    done.set_exception(exc)
+            else:
+                if not done.done():
+                    done.set_result(result)
+
+    async def _call(self, run: Callable[[Connection], Awaitable[T]]) -> T:
+        self._flush()  # what was written before is there for it
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait((run, done))
+        return await done
+
+    def _queue(
+        self,
+        statement: sql.Composed | sql.SQL,
+        values: tuple[Any, ...],
+        done: asyncio.Future[None] | None = None,
+    ) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append((statement, values, done))
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        written: asyncio.Future[list[Exception | None]] = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait((lambda conn: _write(conn, batch), written))
+        written.add_done_callback(lambda result: _tell(batch, result))
+
+    # -- opening -------------------------------------------------------------------------------
+
+    async def open(self) -> History:
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+        try:
+            self.logs.dir.mkdir(parents=True, exist_ok=True)
+            return await self._call(self._open)
+        except psycopg.Error as exc:
+            raise StoreError(f"--database {shown_dsn(self._dsn)}: {_first_line(exc)}") from None
+        except OSError as exc:
+            raise StoreError(f"--data-dir {self.logs.dir.parent}: {exc.strerror or exc}") from None
+
+    async def _open(self, conn: Connection) -> History:
+        async with conn.transaction():
+            run = await _setup(conn, count_run=True)
+        rows = await (
+            await conn.execute(_SELECT + sql.SQL(" WHERE status = ANY(%s) ORDER BY id"), (_NOT_ENDED,))
+        ).fetchall()
+        ended = await (
+            await conn.execute(
+                "SELECT status, sum(n)::bigint FROM task_counts WHERE status = ANY(%s) "
+                "GROUP BY status HAVING sum(n) > 0",
+                (_ENDED,),
+            )
+        ).fetchall()
+        return History([self._task(row) for row in rows], {status: n for status, n in ended}, run)
+
+    def _task(self, row: tuple[Any, ...]) -> Task:
+        return task_from(self.logs, dict(zip(_COLUMNS, row, strict=True)))
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    async def next_id(self) -> int:
+        async def take(conn: Connection) -> int:
+            row = await (await conn.execute("SELECT nextval('tasks_id_seq')")).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        return await self._call(take)
+
+    def new_output(self, task_id: int, stdout: bool = False) -> OutputLog:
+        return self.logs.new(task_id, stdout)
+
+    @staticmethod
+    def _row(task: Task) -> tuple[Any, ...]:
+        fields = fields_of(task)
+        fields["command"] = Jsonb(fields["command"])
+        fields["variable_names"] = Jsonb(fields["variable_names"])
+        return tuple(fields[name] for name in _COLUMNS)
+
+    async def add(self, task: Task) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._queue(_UPSERT, self._row(task), done)
+        await done
+
+    def save(self, task: Task) -> None:
+        self._queue(_UPSERT, self._row(task))
+
+    async def find(self, task_ids: Iterable[int]) -> dict[int, Task]:
+        wanted = list(task_ids)
+
+        async def read(conn: Connection) -> dict[int, Task]:
+            cursor = await conn.execute(_SELECT + sql.SQL(" WHERE id = ANY(%s)"), (wanted,))
+            return {row[0]: self._task(row) for row in await cursor.fetchall()}
+
+        return await self._call(read)
+
+    async def page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
+        if where.created_by == "":
+            return [], 0  # no one's name ('' stands for no creator in the counts)
+        terms = where.terms()
+        condition = sql.SQL(" AND ").join(
+            sql.SQL("{} = %s").format(sql.Identifier(column)) for column, _ in terms
+        ) if terms else sql.SQL("true")  # fmt: skip
+        values = tuple(value for _, value in terms)
+
+        async def read(conn: Connection) -> tuple[list[Task], int]:
+            counted = sql.SQL("SELECT coalesce(sum(n), 0)::bigint FROM task_counts WHERE {}").format(
+                condition
+            )
+            row = await (await conn.execute(counted, values)).fetchone()
+            total = int(row[0]) if row else 0
+            end = min(total, offset + limit)
+            if offset >= end:
+                return [], total
+            # As in SQLite: the page's first id from an index alone, from the nearer end.
+            if offset <= total - end:
+                order, edge, skip = sql.SQL("DESC"), sql.SQL("<="), offset
+            else:
+                order, edge, skip = sql.SQL("ASC"), sql.SQL(">="), total - end
+            query = _SELECT + sql.SQL(
+                " WHERE {cond} AND id {edge} (SELECT id FROM tasks WHERE {cond} ORDER BY id {order} "
+                "LIMIT 1 OFFSET %s) ORDER BY id {order} LIMIT %s"
+            ).format(cond=condition, edge=edge, order=order)
+            rows = await (await conn.execute(query, (*values, *values, skip, end - offset))).fetchall()
+            if order == sql.SQL("ASC"):
+                rows.reverse()
+            return [self._task(row) for row in rows], total
+
+        return await self._call(read)
+
+    async def prune(self, keep: int | None, before: datetime | None) -> list[tuple[int, TaskStatus]]:
+        async def prune(conn: Connection) -> list[tuple[int, str, bool]]:
+            doomed: list[tuple[int, str, bool]] = []
+            async with conn.transaction():
+                if keep is not None:
+                    row = await (
+                        await conn.execute(
+                            "SELECT coalesce(sum(n), 0)::bigint FROM task_counts WHERE status = ANY(%s)",
+                            (_ENDED,),
+                        )
+                    ).fetchone()
+                    total = int(row[0]) if row else 0
+                    if total > keep:
+                        cursor = await conn.execute(
+                            "SELECT id, status, stdout FROM tasks WHERE status = ANY(%s) "
+                            "ORDER BY id LIMIT %s",
+                            (_ENDED, total - keep),
+                        )
+                        doomed += await cursor.fetchall()
+                if before is not None:
+                    # As in SQLite: the scan stops at the first task created since `before`.
+                    cursor = await conn.execute(
+                        "SELECT id, status, stdout FROM tasks WHERE id > %s AND status = ANY(%s) "
+                        "AND id < coalesce((SELECT min(id) FROM tasks WHERE created_at >= %s), %s) "
+                        "AND coalesce(finished_at, created_at) < %s ORDER BY id",
+                        (doomed[-1][0] if doomed else 0, _ENDED, before, _LAST, before),
+                    )
+                    doomed += await cursor.fetchall()
+                if doomed:
+                    await conn.execute("DELETE FROM tasks WHERE id = ANY(%s)", ([d[0] for d in doomed],))
+                    await conn.execute("DELETE FROM task_counts WHERE n = 0")
+            return doomed
+
+        doomed = await self._call(prune)
+        # After the commit: a log is never gone while its task is still listed.
+        await asyncio.to_thread(self._remove_logs, [(task_id, stdout) for task_id, _, stdout in doomed])
+        return [(task_id, TaskStatus(status)) for task_id, status, _ in doomed]
+
+    def _remove_logs(self, which: list[tuple[int, bool]]) -> None:
+        for task_id, stdout in which:
+            self.logs.remove(task_id, stdout)
+
+    async def ping(self) -> None:
+        await self._call(lambda conn: conn.execute("SELECT 1"))
+
+    # -- tokens and the audit ------------------------------------------------------------------
+
+    async def find_token(self, token_digest: str) -> ApiToken | None:
+        async def read(conn: Connection) -> ApiToken | None:
+            query = sql.SQL(_SELECT_TOKENS + " WHERE digest = %s")
+            row = await (await conn.execute(query, (token_digest,))).fetchone()
+            return None if row is None else _token(row)
+
+        return await self._call(read)
+
+    def token_used(self, token_digest: str, at: datetime) -> None:
+        self._queue(sql.SQL("UPDATE api_tokens SET last_used_at = %s WHERE digest = %s"), (at, token_digest))
+
+    def add_audit(self, record: AuditRecord) -> None:
+        self._queue(
+            sql.SQL(
+                "INSERT INTO audit (at, action, who, remote, task_id, detail) VALUES (%s, %s, %s, %s, %s, %s)"
+            ),
+            (record.at, record.action.value, record.who, record.remote, record.task_id, record.detail),
+        )
+
+    async def audit_page(self, offset: int, limit: int) -> tuple[list[AuditRecord], int]:
+        async def read(conn: Connection) -> tuple[list[AuditRecord], int]:
+            rows = await (
+                await conn.execute(
+                    "SELECT id, at, action, who, remote, task_id, detail FROM audit ORDER BY id DESC "
+                    "LIMIT %s OFFSET %s",
+                    (limit, offset),
+                )
+            ).fetchall()
+            total = await (await conn.execute("SELECT count(*) FROM audit")).fetchone()
+            records = [
+                AuditRecord(AuditAction(action), who, remote, detail, task_id, at, record_id)
+                for record_id, at, action, who, remote, task_id, detail in rows
+            ]
+            return records, int(total[0]) if total else 0
+
+        return await self._call(read)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._flush()
+            self._jobs.put_nowait(None)
+            await self._worker
+            self._worker = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        self.logs.close()
+
+
+async def _setup(conn: Connection, count_run: bool) -> int:
+    """Make or upgrade the schema (one instance at a time), and count this run when asked;
+    return the run's number. In the caller's transaction: whole or not at all."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+    await conn.execute(_SCHEMA)
+    row = await (await conn.execute("SELECT value FROM meta WHERE key = 'schema'")).fetchone()
+    version = int(row[0]) if row else SCHEMA_VERSION
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the database's schema {version} is newer than this pulsar-rest knows")
+    await conn.execute(
+        "INSERT INTO meta VALUES ('schema', %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        (str(SCHEMA_VERSION),),
+    )
+    if not count_run:
+        return 0
+    row = await (
+        await conn.execute(
+            "INSERT INTO meta VALUES ('run', '1') ON CONFLICT (key) "
+            "DO UPDATE SET value = (meta.value::bigint + 1)::text RETURNING value"
+        )
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _write(conn: Connection, batch: list[Write]) -> list[Exception | None]:
+    """The writes in one transaction; each one's error, if it failed (the others stay)."""
+    errors: list[Exception | None] = []
+    async with conn.transaction():
+        for statement, values, _ in batch:
+            try:
+                async with conn.transaction():  # a savepoint: a failure undoes this write only
+                    await conn.execute(statement, values)
+                errors.append(None)
+            except psycopg.Error as exc:
+                if conn.broken:
+                    raise
+                log.error("cannot write to the database: %s", _first_line(exc))
+                errors.append(exc)
+    return errors
+
+
+def _tell(
+    batch: list[Write],
+    result: asyncio.Future[list[Exception | None]],
+) -> None:
+    failed = result.exception()
+    if failed is not None:
+        log.error("cannot write to the database: %s", _first_line(failed))
+    for index, (_, _, done) in enumerate(batch):
+        if done is None or done.done():
+            continue  # nobody waits for it, or its caller has given up
+        error = failed if failed is not None else result.result()[index]
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _token(row: tuple[Any, ...]) -> ApiToken:
+    name, role, created_at, expires_at, last_used_at = row
+    return ApiToken(name, Role(role), created_at, expires_at, last_used_at)
+
+
+class PgTokenAdmin:
+    """The API tokens in PostgreSQL, for `pulsar-rest token`, while servers run."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+
+    def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        async def run() -> T:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
+                )
+            except psycopg.Error as exc:
+                raise StoreError(f"--database {shown_dsn(self._dsn)}: {_first_line(exc)}") from None
+            async with conn:
+                async with conn.transaction():
+                    await _setup(conn, count_run=False)  # the tables, if no server ran on it yet
+                return await work(conn)
+
+        return asyncio.run(run())
+
+    def create(self, name: str, role: Role, expires_at: datetime | None) -> str:
+        token = new_token()
+        check_name("token", name)
+
+        async def insert(conn: Connection) -> None:
+            await conn.execute(
+                "INSERT INTO api_tokens (name, digest, role, created_at, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (name, digest(token), role.value, utcnow(), expires_at),
+            )
+
+        try:
+            self._run(insert)
+        except psycopg.errors.UniqueViolation:
+            raise TokenExists(
+                f"a token named {name!r} exists: revoke it first, or choose another name"
+            ) from None
+        return token
+
+    def tokens(self) -> list[ApiToken]:
+        async def read(conn: Connection) -> list[ApiToken]:
+            rows = await (await conn.execute(sql.SQL(_SELECT_TOKENS + " ORDER BY name"))).fetchall()
+            return [_token(row) for row in rows]
+
+        return self._run(read)
+
+    def revoke(self, name: str) -> bool:
+        async def delete(conn: Connection) -> bool:
+            return (await conn.execute("DELETE FROM api_tokens WHERE name = %s", (name,))).rowcount > 0
+
+        return self._run(delete)
+
+    def close(self) -> None:
+        """Nothing stays open: each command has a connection of its own."""
