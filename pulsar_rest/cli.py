@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from pulsar_rest import clientcli, logfile, systemd, tokencli
+from pulsar_rest import clientcli, logfile, migrate, systemd, tokencli
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "token":
         return tokencli.main(argv[1:])
+    if argv and argv[0] == "migrate":
+        return migrate.main(argv[1:])
     if argv and argv[0] in clientcli.COMMANDS:
         return clientcli.main(argv)
     lock: DataDirLock | None = None

@@ -136,13 +136,21 @@ _COLUMNS = (
 _ENDED = [status.value for status in TaskStatus if status.ended]
 _NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
 _SELECT = sql.SQL("SELECT {} FROM tasks").format(sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
-_UPSERT = sql.SQL("INSERT INTO tasks ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {}").format(
+UPSERT = sql.SQL("INSERT INTO tasks ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {}").format(
     sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
     sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)),
     sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in _COLUMNS[1:]),
 )
 _SELECT_TOKENS = "SELECT name, role, created_at, expires_at, last_used_at FROM api_tokens"
 _LAST = 1 << 62  # beyond any id
+
+
+def pg_row(task: Task) -> tuple[Any, ...]:
+    """The values of a task's row, in the order of UPSERT's columns."""
+    fields = fields_of(task)
+    fields["command"] = Jsonb(fields["command"])
+    fields["variable_names"] = Jsonb(fields["variable_names"])
+    return tuple(fields[name] for name in _COLUMNS)
 
 
 def shown_dsn(dsn: str) -> str:
@@ -254,20 +262,13 @@ class PgStore:
     def new_output(self, task_id: int, stdout: bool = False) -> OutputLog:
         return self.logs.new(task_id, stdout)
 
-    @staticmethod
-    def _row(task: Task) -> tuple[Any, ...]:
-        fields = fields_of(task)
-        fields["command"] = Jsonb(fields["command"])
-        fields["variable_names"] = Jsonb(fields["variable_names"])
-        return tuple(fields[name] for name in _COLUMNS)
-
     async def add(self, task: Task) -> None:
         done = asyncio.get_running_loop().create_future()
-        self._queue(_UPSERT, self._row(task), done)
+        self._queue(UPSERT, pg_row(task), done)
         await done
 
     def save(self, task: Task) -> None:
-        self._queue(_UPSERT, self._row(task))
+        self._queue(UPSERT, pg_row(task))
 
     async def find(self, task_ids: Iterable[int]) -> dict[int, Task]:
         wanted = list(task_ids)

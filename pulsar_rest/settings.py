@@ -319,7 +319,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Precedence: command-line flags, then the --config file, then environment "
             "variables, then defaults. The file's keys are the flags' names "
-            "(config-repo or config_repo). API tokens for bots and CI: pulsar-rest token --help."
+            "(config-repo or config_repo). API tokens for bots and CI: pulsar-rest token --help. "
+            "A SQLite history into PostgreSQL: pulsar-rest migrate --help."
         ),
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,

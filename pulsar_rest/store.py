@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,8 +83,22 @@ CREATE TABLE IF NOT EXISTS task_counts (
     n INTEGER NOT NULL,
     PRIMARY KEY (app, env, status, created_by)
 ) WITHOUT ROWID;
+-- How many tasks each block of 4,096 ids holds, in all ('' '') and for each value of each
+-- field a list filters on: a page deep in a long list starts from the block its first task
+-- is in, not from the newest task (schema 6).
+CREATE TABLE IF NOT EXISTS task_blocks (
+    field TEXT NOT NULL,
+    value TEXT NOT NULL,
+    block INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (field, value, block)
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS tasks_counted AFTER INSERT ON tasks BEGIN
     INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+    INSERT INTO task_blocks VALUES ('', '', NEW.id >> 12, 1), ('app', NEW.app, NEW.id >> 12, 1),
+        ('env', NEW.env, NEW.id >> 12, 1), ('status', NEW.status, NEW.id >> 12, 1),
+        ('created_by', coalesce(NEW.created_by, ''), NEW.id >> 12, 1)
         ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS tasks_recounted AFTER UPDATE OF app, env, status, created_by ON tasks
@@ -94,10 +108,20 @@ WHEN (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''))
         WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
     INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
         ON CONFLICT DO UPDATE SET n = n + 1;
+    UPDATE task_blocks SET n = n - 1 WHERE block = OLD.id >> 12 AND (field, value) IN (VALUES
+        ('', ''), ('app', OLD.app), ('env', OLD.env), ('status', OLD.status),
+        ('created_by', coalesce(OLD.created_by, '')));
+    INSERT INTO task_blocks VALUES ('', '', NEW.id >> 12, 1), ('app', NEW.app, NEW.id >> 12, 1),
+        ('env', NEW.env, NEW.id >> 12, 1), ('status', NEW.status, NEW.id >> 12, 1),
+        ('created_by', coalesce(NEW.created_by, ''), NEW.id >> 12, 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS tasks_uncounted AFTER DELETE ON tasks BEGIN
     UPDATE task_counts SET n = n - 1
         WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
+    UPDATE task_blocks SET n = n - 1 WHERE block = OLD.id >> 12 AND (field, value) IN (VALUES
+        ('', ''), ('app', OLD.app), ('env', OLD.env), ('status', OLD.status),
+        ('created_by', coalesce(OLD.created_by, '')));
 END;
 -- pulsar-rest's own API tokens: only a hash of each (schema 5).
 CREATE TABLE IF NOT EXISTS api_tokens (
@@ -149,6 +173,11 @@ _INDEXES = {
     "status": "tasks_by_status",
     "created_by": "tasks_by_creator",
 }
+# task_blocks: a block holds the ids that share all but their last _BLOCK_BITS bits (the
+# triggers say 12), and each field's value as counted (from column names only).
+_BLOCK_BITS = 12
+_BLOCK_FIELDS = (("", "''"), ("app", "app"), ("env", "env"), ("status", "status"),
+                 ("created_by", "coalesce(created_by, '')"))  # fmt: skip
 # Ids in one query of find (SQLite allows 32,766 values in a statement).
 _FIND_CHUNK = 500
 
@@ -310,6 +339,27 @@ def fields_of(task: Task) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _sqlite_task(logs: LogFiles, row: tuple[Any, ...]) -> Task:
+    fields = dict(zip(_COLUMN_NAMES, row, strict=True))
+    for name in ("created_at", "started_at", "finished_at"):
+        fields[name] = _time(fields[name])
+    fields["command"] = json.loads(fields["command"])
+    fields["variable_names"] = json.loads(fields["variable_names"])
+    return task_from(logs, fields)
+
+
+def history_rows(db: sqlite3.Connection, data_dir: Path, chunk: int) -> Iterator[list[Task]]:
+    """Every task of an SQLite history (of this schema), oldest first, `chunk` at a time: a
+    migration's reading."""
+    logs = LogFiles(data_dir)
+    try:
+        cursor = db.execute(f"{_SELECT} ORDER BY id")
+        while rows := cursor.fetchmany(chunk):
+            yield [_sqlite_task(logs, row) for row in rows]
+    finally:
+        logs.close()
+
+
 class SqliteStore:
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
@@ -403,9 +453,6 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
-        # 32 MiB of pages (2 by default): a deep page of a list skips through up to half a
-        # million index entries, several times faster from memory than from the OS's cache.
-        db.execute("PRAGMA cache_size=-32768")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check: {check}")
@@ -451,6 +498,12 @@ class SqliteStore:
                 "INSERT INTO task_counts SELECT app, env, status, coalesce(created_by, ''), count(*) "
                 "FROM tasks GROUP BY 1, 2, 3, 4"
             )
+            db.execute("DELETE FROM task_blocks")
+            for field, value in _BLOCK_FIELDS:
+                db.execute(
+                    f"INSERT INTO task_blocks SELECT '{field}', {value}, id >> {_BLOCK_BITS}, count(*) "  # noqa: S608
+                    "FROM tasks GROUP BY 2, 3"
+                )
         run = int(self._meta("run") or 0) + 1
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('run', ?)", (SCHEMA_VERSION, run))
         return run
@@ -461,12 +514,7 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     def _task(self, row: tuple[Any, ...]) -> Task:
-        fields = dict(zip(_COLUMN_NAMES, row, strict=True))
-        for name in ("created_at", "started_at", "finished_at"):
-            fields[name] = _time(fields[name])
-        fields["command"] = json.loads(fields["command"])
-        fields["variable_names"] = json.loads(fields["variable_names"])
-        return task_from(self.logs, fields)
+        return _sqlite_task(self.logs, row)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -529,6 +577,7 @@ class SqliteStore:
         try:
             db.executemany("DELETE FROM tasks WHERE id = ?", [(task_id,) for task_id, _, _ in doomed])
             db.execute("DELETE FROM task_counts WHERE n = 0")
+            db.execute("DELETE FROM task_blocks WHERE n = 0")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -560,6 +609,8 @@ class SqliteStore:
         terms = where.terms()
         condition = " AND ".join(f"{column} = ?" for column, _ in terms) or "1"
         values = tuple(value for _, value in terms)
+        if len(terms) <= 1:
+            return self._page_by_blocks(terms, condition, values, offset, limit)
         # From the counts, in one pass: how many match, and how many match each term alone.
         # The list reads the index of the term that matches fewest: it skips the fewest entries.
         alone = "".join(f", sum(n) FILTER (WHERE {column} = ?)" for column, _ in terms)
@@ -588,6 +639,34 @@ class SqliteStore:
         ).fetchall()
         if order == "ASC":
             rows.reverse()
+        return [self._task(row) for row in rows], total
+
+    def _page_by_blocks(
+        self, terms: list[tuple[str, str]], condition: str, values: tuple[str, ...], offset: int, limit: int
+    ) -> tuple[list[Task], int]:
+        """A page of all tasks, or of those with one field's value: the counts of the blocks,
+        newest first, say which block the page starts in, and how far into it."""
+        db = self._connection()
+        field, value = terms[0] if terms else ("", "")
+        blocks = db.execute(
+            "SELECT block, n FROM task_blocks WHERE field = ? AND value = ? AND n > 0 ORDER BY block DESC",
+            (field, value),
+        ).fetchall()
+        total = sum(n for _, n in blocks)
+        before, first = 0, None  # tasks in the blocks newer than the page's first; its block
+        for block, n in blocks:
+            if before + n > offset:
+                first = block
+                break
+            before += n
+        if first is None:
+            return [], total
+        index = _INDEXES[field] if terms else "tasks_listed"
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM tasks INDEXED BY {index} WHERE {condition} AND id < ? "  # noqa: S608
+            "ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*values, (first + 1) << _BLOCK_BITS, limit, offset - before),
+        ).fetchall()
         return [self._task(row) for row in rows], total
 
     async def ping(self) -> None:
