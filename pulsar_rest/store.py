@@ -108,20 +108,46 @@ WHEN (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''))
         WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
     INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
         ON CONFLICT DO UPDATE SET n = n + 1;
-    UPDATE task_blocks SET n = n - 1 WHERE block = OLD.id >> 12 AND (field, value) IN (VALUES
-        ('', ''), ('app', OLD.app), ('env', OLD.env), ('status', OLD.status),
-        ('created_by', coalesce(OLD.created_by, '')));
-    INSERT INTO task_blocks VALUES ('', '', NEW.id >> 12, 1), ('app', NEW.app, NEW.id >> 12, 1),
-        ('env', NEW.env, NEW.id >> 12, 1), ('status', NEW.status, NEW.id >> 12, 1),
-        ('created_by', coalesce(NEW.created_by, ''), NEW.id >> 12, 1)
+END;
+-- One trigger a field (a status changes, the others never do in practice), each statement on
+-- the whole primary key: an IN over row values would scan the table.
+CREATE TRIGGER IF NOT EXISTS tasks_reblocked_app AFTER UPDATE OF app ON tasks
+WHEN OLD.app IS NOT NEW.app BEGIN
+    UPDATE task_blocks SET n = n - 1
+        WHERE field = 'app' AND value = OLD.app AND block = OLD.id >> 12;
+    INSERT INTO task_blocks VALUES ('app', NEW.app, NEW.id >> 12, 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_reblocked_env AFTER UPDATE OF env ON tasks
+WHEN OLD.env IS NOT NEW.env BEGIN
+    UPDATE task_blocks SET n = n - 1
+        WHERE field = 'env' AND value = OLD.env AND block = OLD.id >> 12;
+    INSERT INTO task_blocks VALUES ('env', NEW.env, NEW.id >> 12, 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_reblocked_status AFTER UPDATE OF status ON tasks
+WHEN OLD.status IS NOT NEW.status BEGIN
+    UPDATE task_blocks SET n = n - 1
+        WHERE field = 'status' AND value = OLD.status AND block = OLD.id >> 12;
+    INSERT INTO task_blocks VALUES ('status', NEW.status, NEW.id >> 12, 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS tasks_reblocked_created_by AFTER UPDATE OF created_by ON tasks
+WHEN coalesce(OLD.created_by, '') IS NOT coalesce(NEW.created_by, '') BEGIN
+    UPDATE task_blocks SET n = n - 1
+        WHERE field = 'created_by' AND value = coalesce(OLD.created_by, '') AND block = OLD.id >> 12;
+    INSERT INTO task_blocks VALUES ('created_by', coalesce(NEW.created_by, ''), NEW.id >> 12, 1)
         ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS tasks_uncounted AFTER DELETE ON tasks BEGIN
     UPDATE task_counts SET n = n - 1
         WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
-    UPDATE task_blocks SET n = n - 1 WHERE block = OLD.id >> 12 AND (field, value) IN (VALUES
-        ('', ''), ('app', OLD.app), ('env', OLD.env), ('status', OLD.status),
-        ('created_by', coalesce(OLD.created_by, '')));
+    UPDATE task_blocks SET n = n - 1 WHERE field = '' AND value = '' AND block = OLD.id >> 12;
+    UPDATE task_blocks SET n = n - 1 WHERE field = 'app' AND value = OLD.app AND block = OLD.id >> 12;
+    UPDATE task_blocks SET n = n - 1 WHERE field = 'env' AND value = OLD.env AND block = OLD.id >> 12;
+    UPDATE task_blocks SET n = n - 1 WHERE field = 'status' AND value = OLD.status AND block = OLD.id >> 12;
+    UPDATE task_blocks SET n = n - 1
+        WHERE field = 'created_by' AND value = coalesce(OLD.created_by, '') AND block = OLD.id >> 12;
 END;
 -- pulsar-rest's own API tokens: only a hash of each (schema 5).
 CREATE TABLE IF NOT EXISTS api_tokens (
