@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # How many create/change events are kept for cursors (`since`, Last-Event-ID). Output
@@ -73,12 +74,20 @@ class CursorGone(LookupError):
 class EventBus:
     """Publishes numbered events and wakes whoever waits on their topics."""
 
-    def __init__(self, last_seq: int = 0, keep: int | None = None) -> None:
+    def __init__(
+        self,
+        last_seq: int = 0,
+        keep: int | None = None,
+        recent: Sequence[Event] = (),
+        horizon: int | None = None,
+    ) -> None:
+        """`recent`: the events up to `last_seq` already numbered (by a shared store), which
+        answer cursors from `horizon` on."""
         self._seq = last_seq
         self._published = 0
         # Cursors at or after this one can be answered from `_recent`.
-        self._horizon = last_seq
-        self._recent: deque[Event] = deque(maxlen=KEEP_EVENTS if keep is None else keep)
+        self._horizon = last_seq if horizon is None else horizon
+        self._recent: deque[Event] = deque(recent, maxlen=KEEP_EVENTS if keep is None else keep)
         self._waiters: dict[str, set[asyncio.Future[Event | None]]] = {}
         self._closed = False
 
@@ -101,12 +110,15 @@ class EventBus:
         return sum(len(waiters) for waiters in self._waiters.values())
 
     def publish(self, kind: EventKind, task_id: int, status: str | None = None) -> Event:
+        seq = self._seq if kind is EventKind.OUTPUT else self._seq + 1
+        event = Event(seq, kind, task_id, status)
+        self._publish(event)
+        return event
+
+    def _publish(self, event: Event) -> None:
         self._published += 1
-        if kind is EventKind.OUTPUT:
-            event = Event(self._seq, kind, task_id, status)
-        else:
-            self._seq += 1
-            event = Event(self._seq, kind, task_id, status)
+        if event.kind is not EventKind.OUTPUT:
+            self._seq = event.seq
             if len(self._recent) == self._recent.maxlen:
                 self._horizon = self._recent[0].seq
             self._recent.append(event)
@@ -114,7 +126,12 @@ class EventBus:
             for fut in self._waiters.pop(topic, ()):
                 if not fut.done():
                     fut.set_result(event)
-        return event
+
+    def deliver(self, event: Event) -> None:
+        """Publish an event numbered elsewhere (a shared store's), the next after `seq`."""
+        if event.kind is not EventKind.OUTPUT and event.seq <= self._seq:
+            return  # had already
+        self._publish(event)
 
     def since(self, seq: int) -> list[Event]:
         """The create and change events after `seq`, oldest first."""

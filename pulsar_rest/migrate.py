@@ -111,7 +111,7 @@ async def _copy(
     tasks = 0
     async with conn.cursor() as cursor:
         for chunk in history_rows(db, data_dir, CHUNK):
-            await cursor.executemany(UPSERT, [pg_row(task) for task in chunk])
+            await cursor.executemany(UPSERT, [pg_row(task, None) for task in chunk])
             tasks += len(chunk)
     # Ids go on after the last one ever handed out (pruned ones included), as in SQLite.
     last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +26,7 @@ from psycopg.types.json import Jsonb
 from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.auth.tokens import ApiToken, digest, new_token
+from pulsar_rest.events import KEEP_EVENTS, Event, EventKind
 from pulsar_rest.names import check_name
 from pulsar_rest.output import OutputLog
 from pulsar_rest.store import (
@@ -43,6 +46,11 @@ T = TypeVar("T")
 Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 Job = tuple[Callable[[Connection], Awaitable[Any]], asyncio.Future[Any]]
 Write = tuple[sql.Composed | sql.SQL, tuple[Any, ...], asyncio.Future[None] | None]
+# In a batch of writes, an event to number (its values: kind, task id, status).
+_EVENT = sql.SQL("-- event")
+# The channel every instance listens on: "e" when events were committed.
+CHANNEL = "pulsar"
+RECENT_EVENTS = KEEP_EVENTS
 
 SCHEMA_VERSION = 1
 # Held while the schema is made or upgraded: instances that start together take turns.
@@ -109,6 +117,29 @@ CREATE OR REPLACE TRIGGER tasks_recounted AFTER UPDATE OF app, env, status, crea
     FOR EACH ROW WHEN ((OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''))
         IS DISTINCT FROM (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, '')))
     EXECUTE FUNCTION pulsar_count_task();
+-- Which instance runs a task (its --data-dir's identity): a restart recovers its own only.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS owner text;
+-- Who asked another instance than its owner to stop a task ('' for nobody known): its owner
+-- reads it and stops the task. A column of its own: the owner's saves never undo it.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS kill_requested_by text;
+-- Events: creations and status changes, numbered by one counter taken last in the writing
+-- transaction (its row stays locked to the commit), so numbers appear in commit order and a
+-- reader that has seen N has seen every number below it.
+CREATE TABLE IF NOT EXISTS event_counter (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    seq bigint NOT NULL
+);
+INSERT INTO event_counter VALUES (true, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS events (
+    seq bigint PRIMARY KEY,
+    kind text NOT NULL,
+    task_id bigint NOT NULL,
+    status text,
+    at timestamptz NOT NULL DEFAULT now()
+);
+-- The high half of every cursor: the same for as long as this history lives (a restart keeps
+-- cursors good).
+INSERT INTO meta VALUES ('epoch', '1') ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS api_tokens (
     name text PRIMARY KEY,
     digest text NOT NULL UNIQUE,
@@ -136,21 +167,39 @@ _COLUMNS = (
 _ENDED = [status.value for status in TaskStatus if status.ended]
 _NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
 _SELECT = sql.SQL("SELECT {} FROM tasks").format(sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
-UPSERT = sql.SQL("INSERT INTO tasks ({}) VALUES ({}) ON CONFLICT (id) DO UPDATE SET {}").format(
+# A task's row as it is now; its event numbers are written with its events (a save that
+# comes before an event's number reached the task must not undo it), its owner at its start.
+UPSERT = sql.SQL("INSERT INTO tasks ({}, owner) VALUES ({}, %s) ON CONFLICT (id) DO UPDATE SET {}").format(
     sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
     sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)),
-    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in _COLUMNS[1:]),
+    sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+        for c in _COLUMNS[1:]
+        if c not in ("created_seq", "state_seq")
+    ),
 )
 _SELECT_TOKENS = "SELECT name, role, created_at, expires_at, last_used_at FROM api_tokens"
 _LAST = 1 << 62  # beyond any id
 
 
-def pg_row(task: Task) -> tuple[Any, ...]:
+def pg_row(task: Task, owner: str | None) -> tuple[Any, ...]:
     """The values of a task's row, in the order of UPSERT's columns."""
     fields = fields_of(task)
     fields["command"] = Jsonb(fields["command"])
     fields["variable_names"] = Jsonb(fields["variable_names"])
-    return tuple(fields[name] for name in _COLUMNS)
+    return (*(fields[name] for name in _COLUMNS), owner)
+
+
+def instance_id(data_dir: Path) -> str:
+    """This instance's name among those sharing the database: made once, kept in its data
+    directory, so that a restart knows the tasks it ran."""
+    path = data_dir / "instance"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        path.write_text(name + "\n")
+        return name
 
 
 def shown_dsn(dsn: str) -> str:
@@ -160,8 +209,12 @@ def shown_dsn(dsn: str) -> str:
 
 class PgStore:
     def __init__(self, dsn: str, data_dir: Path) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
         self.logs = LogFiles(data_dir)
+        self.instance: str | None = None  # known at open
+        self.base = 0  # the high half of every cursor (the epoch's), known at open
+        # Told after each commit that numbered events (the feed reads them at once).
+        self.on_events: Callable[[], None] | None = None
         self._conn: Connection | None = None
         # Every statement, in order: (what to run on the connection, who awaits its result).
         self._jobs: asyncio.Queue[
@@ -176,10 +229,10 @@ class PgStore:
     async def _connect(self) -> Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
-                log.warning("the connection to %s was lost: connecting again", shown_dsn(self._dsn))
+                log.warning("the connection to %s was lost: connecting again", shown_dsn(self.dsn))
             # UTC: times come back as they went in (the API shows them with a Z).
             self._conn = await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
+                self.dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
             )
         return self._conn
 
@@ -216,8 +269,11 @@ class PgStore:
         if not batch:
             return
         written: asyncio.Future[list[Exception | None]] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait((lambda conn: _write(conn, batch), written))
+        self._jobs.put_nowait((lambda conn: _write(conn, batch, self.base), written))
         written.add_done_callback(lambda result: _tell(batch, result))
+        if self.on_events is not None and any(statement is _EVENT for statement, _, _ in batch):
+            told = self.on_events
+            written.add_done_callback(lambda _: told())
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -225,18 +281,35 @@ class PgStore:
         self._worker = asyncio.get_running_loop().create_task(self._work())
         try:
             self.logs.dir.mkdir(parents=True, exist_ok=True)
+            self.instance = instance_id(self.logs.dir.parent)
             return await self._call(self._open)
         except psycopg.Error as exc:
-            raise StoreError(f"--database {shown_dsn(self._dsn)}: {_first_line(exc)}") from None
+            raise StoreError(f"--database {shown_dsn(self.dsn)}: {_first_line(exc)}") from None
         except OSError as exc:
             raise StoreError(f"--data-dir {self.logs.dir.parent}: {exc.strerror or exc}") from None
 
     async def _open(self, conn: Connection) -> History:
         async with conn.transaction():
             run = await _setup(conn, count_run=True)
+        epoch = await (await conn.execute("SELECT value FROM meta WHERE key = 'epoch'")).fetchone()
+        self.base = int(epoch[0]) << 32 if epoch else 0
+        # This instance's own (those of a history moved from SQLite have none): what a
+        # restart recovers. The others' belong to the instances that run them.
         rows = await (
-            await conn.execute(_SELECT + sql.SQL(" WHERE status = ANY(%s) ORDER BY id"), (_NOT_ENDED,))
+            await conn.execute(
+                _SELECT + sql.SQL(" WHERE status = ANY(%s) AND (owner = %s OR owner IS NULL) ORDER BY id"),
+                (_NOT_ENDED, self.instance),
+            )
         ).fetchall()
+        others = await (
+            await conn.execute(
+                _SELECT + sql.SQL(" WHERE status = ANY(%s) AND owner <> %s ORDER BY id"),
+                (_NOT_ENDED, self.instance),
+            )
+        ).fetchall()
+        counter = await (await conn.execute("SELECT seq FROM event_counter")).fetchone()
+        seq = int(counter[0]) if counter else 0
+        recent = await self._events_after(conn, max(0, seq - RECENT_EVENTS), RECENT_EVENTS)
         ended = await (
             await conn.execute(
                 "SELECT status, sum(n)::bigint FROM task_counts WHERE status = ANY(%s) "
@@ -244,7 +317,59 @@ class PgStore:
                 (_ENDED,),
             )
         ).fetchall()
-        return History([self._task(row) for row in rows], {status: n for status, n in ended}, run)
+        return History(
+            [self._task(row) for row in rows],
+            {status: n for status, n in ended},
+            run,
+            seq=self.base + seq,
+            recent=recent,
+            horizon=self.base + max(0, seq - RECENT_EVENTS),
+            others=[self._task(row) for row in others],
+        )
+
+    # -- events --------------------------------------------------------------------------------
+
+    def add_event(self, kind: EventKind, task_id: int, status: str | None) -> None:
+        """Number and keep an event, in order with the writes before it (in their transaction)."""
+        self._queue(_EVENT, (kind.value, task_id, status))
+
+    def request_kill(self, task_id: int, by: str | None) -> None:
+        """Ask the instance that runs a task to stop it (told at once, and at its next tick)."""
+        self._queue(
+            sql.SQL("UPDATE tasks SET kill_requested_by = %s WHERE id = %s AND status = ANY(%s)"),
+            (by or "", task_id, _NOT_ENDED),
+        )
+        self._queue(sql.SQL("SELECT pg_notify(%s, 'k')"), (CHANNEL,))
+
+    async def kill_requests(self) -> list[tuple[int, str | None]]:
+        """The tasks this instance runs that another instance was asked to stop, and by whom."""
+
+        async def read(conn: Connection) -> list[tuple[int, str | None]]:
+            rows = await (
+                await conn.execute(
+                    "SELECT id, kill_requested_by FROM tasks WHERE status = ANY(%s) AND owner = %s "
+                    "AND kill_requested_by IS NOT NULL",
+                    (_NOT_ENDED, self.instance),
+                )
+            ).fetchall()
+            return [(task_id, by or None) for task_id, by in rows]
+
+        return await self._call(read)
+
+    async def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
+        """The events numbered after the cursor `seq`, oldest first (at most `limit`)."""
+        return await self._call(lambda conn: self._events_after(conn, seq - self.base, limit))
+
+    async def _events_after(self, conn: Connection, after: int, limit: int) -> list[Event]:
+        rows = await (
+            await conn.execute(
+                "SELECT seq, kind, task_id, status FROM events WHERE seq > %s ORDER BY seq LIMIT %s",
+                (after, limit),
+            )
+        ).fetchall()
+        return [
+            Event(self.base + seq, EventKind(kind), task_id, status) for seq, kind, task_id, status in rows
+        ]
 
     def _task(self, row: tuple[Any, ...]) -> Task:
         return task_from(self.logs, dict(zip(_COLUMNS, row, strict=True)))
@@ -264,11 +389,11 @@ class PgStore:
 
     async def add(self, task: Task) -> None:
         done = asyncio.get_running_loop().create_future()
-        self._queue(UPSERT, pg_row(task), done)
+        self._queue(UPSERT, pg_row(task, self.instance), done)
         await done
 
     def save(self, task: Task) -> None:
-        self._queue(UPSERT, pg_row(task))
+        self._queue(UPSERT, pg_row(task, self.instance))
 
     async def find(self, task_ids: Iterable[int]) -> dict[int, Task]:
         wanted = list(task_ids)
@@ -344,6 +469,11 @@ class PgStore:
                 if doomed:
                     await conn.execute("DELETE FROM tasks WHERE id = ANY(%s)", ([d[0] for d in doomed],))
                     await conn.execute("DELETE FROM task_counts WHERE n = 0")
+                # Events older than what a start reads back answer no cursor any more.
+                await conn.execute(
+                    "DELETE FROM events WHERE seq <= (SELECT seq FROM event_counter) - %s",
+                    (2 * RECENT_EVENTS,),
+                )
             return doomed
 
         doomed = await self._call(prune)
@@ -434,11 +564,18 @@ async def _setup(conn: Connection, count_run: bool) -> int:
     return int(row[0])
 
 
-async def _write(conn: Connection, batch: list[Write]) -> list[Exception | None]:
-    """The writes in one transaction; each one's error, if it failed (the others stay)."""
+async def _write(conn: Connection, batch: list[Write], base: int) -> list[Exception | None]:
+    """The writes in one transaction; each one's error, if it failed (the others stay). Its
+    events are numbered last, just before the commit: the counter's row is locked for as
+    short a time as can be."""
     errors: list[Exception | None] = []
+    events: list[tuple[Any, ...]] = []
     async with conn.transaction():
         for statement, values, _ in batch:
+            if statement is _EVENT:
+                events.append(values)
+                errors.append(None)
+                continue
             try:
                 async with conn.transaction():  # a savepoint: a failure undoes this write only
                     await conn.execute(statement, values)
@@ -448,7 +585,31 @@ async def _write(conn: Connection, batch: list[Write]) -> list[Exception | None]
                     raise
                 log.error("cannot write to the database: %s", _first_line(exc))
                 errors.append(exc)
+        if events:
+            await _number(conn, events, base)
     return errors
+
+
+async def _number(conn: Connection, events: list[tuple[Any, ...]], base: int) -> None:
+    row = await (
+        await conn.execute("UPDATE event_counter SET seq = seq + %s RETURNING seq", (len(events),))
+    ).fetchone()
+    assert row is not None
+    first = int(row[0]) - len(events) + 1
+    numbered = [(first + index, *event) for index, event in enumerate(events)]
+    async with conn.cursor() as cursor:
+        await cursor.executemany(
+            "INSERT INTO events (seq, kind, task_id, status) VALUES (%s, %s, %s, %s)", numbered
+        )
+        await cursor.executemany(
+            "UPDATE tasks SET created_seq = %s WHERE id = %s",
+            [(base + seq, task_id) for seq, kind, task_id, _ in numbered if kind == EventKind.CREATED.value],
+        )
+        await cursor.executemany(
+            "UPDATE tasks SET state_seq = %s WHERE id = %s",
+            [(base + seq, task_id) for seq, kind, task_id, _ in numbered if kind == EventKind.CHANGED.value],
+        )
+    await conn.execute("SELECT pg_notify(%s, 'e')", (CHANNEL,))
 
 
 def _tell(
@@ -481,16 +642,16 @@ class PgTokenAdmin:
     """The API tokens in PostgreSQL, for `pulsar-rest token`, while servers run."""
 
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
 
     def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         async def run() -> T:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
+                    self.dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
                 )
             except psycopg.Error as exc:
-                raise StoreError(f"--database {shown_dsn(self._dsn)}: {_first_line(exc)}") from None
+                raise StoreError(f"--database {shown_dsn(self.dsn)}: {_first_line(exc)}") from None
             async with conn:
                 async with conn.transaction():
                     await _setup(conn, count_run=False)  # the tables, if no server ran on it yet

@@ -17,10 +17,10 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pulsar_rest import confrepo, pulsar, runner
-from pulsar_rest.events import EventBus, EventKind
+from pulsar_rest.events import Event, EventBus, EventKind, state_topic
 from pulsar_rest.names import check_action, check_name
 from pulsar_rest.store import TaskFilter, TaskStore
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus, utcnow
@@ -138,6 +138,15 @@ REAP_EVERY = 1.0
 RECENT = 500
 
 
+class EventSink(Protocol):
+    """Where creations and status changes are numbered when a store is shared by several
+    instances: each instance, this one too, takes them back from there (TaskService.apply)."""
+
+    def publish(self, kind: EventKind, task_id: int, status: str | None) -> None: ...
+
+    def request_kill(self, task_id: int, by: str | None) -> None: ...
+
+
 class TaskService:
     def __init__(
         self,
@@ -146,15 +155,21 @@ class TaskService:
         config: RunConfig,
         live: Iterable[Task] = (),
         ended: Mapping[str, int] | None = None,
+        others: Iterable[Task] = (),
     ) -> None:
-        """`live`: the tasks the store holds that have not ended; `ended`: how many ended
-        tasks it holds, by status. The history itself stays in the store."""
+        """`live`: the tasks the store holds that have not ended (this instance's, when the
+        store is shared); `ended`: how many ended tasks it holds, by status; `others`: the
+        tasks other instances run. The history itself stays in the store."""
         self._store = store
         self._bus = bus
         self._config = config
         # The tasks not ended (queued, created, running), oldest first: the only ones that
         # change, and what a create and an end look through.
         self._live: dict[int, Task] = {task.id: task for task in live}
+        # Tasks other instances of a shared store run, kept up by their events (apply).
+        self._remote: dict[int, Task] = {task.id: task for task in others}
+        self._events: EventSink | None = None  # set by share()
+        self._start_seq = bus.seq  # events after it are news to this instance
         # Ended tasks recently seen, least recent first (at most RECENT).
         self._recent: collections.OrderedDict[int, Task] = collections.OrderedDict()
         # The ended tasks by status, kept up as tasks end and are pruned (the live ones are
@@ -197,8 +212,11 @@ class TaskService:
                 missing.append(task_id)
         if missing:
             for task_id, task in (await self._store.find(missing)).items():
-                # A task that ended while the store was read is in memory, and is the same.
-                found[task_id] = self._known(task_id) or self._remember(task)
+                # A task that ended while the store was read is in memory, and is the same. One
+                # that goes on (another instance's, not yet in its events) is not kept: it would
+                # not be kept up.
+                known = self._known(task_id)
+                found[task_id] = known or (self._remember(task) if task.status.ended else task)
         return found
 
     async def page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
@@ -207,12 +225,79 @@ class TaskService:
         tasks, total = await self._store.page(where, offset, limit)
         return [self._known(task.id) or task for task in tasks], total
 
+    def share(self, events: EventSink) -> None:
+        """The store is shared with other instances: creations and changes are numbered
+        there, and come back through apply() (from every instance)."""
+        self._events = events
+
+    async def apply(self, events: list[Event]) -> None:
+        """Events numbered by the shared store, oldest first, from any instance: the tasks of
+        other instances they name are brought up to date (read again), then each event is
+        published here, its number given to its task as it is."""
+        named = {event.task_id for event in events if event.task_id not in self._live}
+        rows = await self._store.find(named) if named else {}
+        for task_id, row in rows.items():
+            if task_id in self._live:
+                continue  # became this instance's meanwhile (it never does; to be sure)
+            task = self._remote.get(task_id) or self._recent.get(task_id)
+            news = row.created_seq > self._start_seq  # created since this instance started
+            if task is None:
+                task = row
+                # Its numbers come with its events, as they are published here: never one
+                # ahead of this instance's cursor.
+                task.created_seq = task.state_seq = 0
+            else:
+                _refresh(task, row)
+            if not task.status.ended:
+                self._remote[task_id] = task
+                continue
+            # Counted once: when it ends under our eyes, or ends before we first see it.
+            if self._remote.pop(task_id, None) is not None or (task is row and news):
+                self._ended[task.status.value] += 1
+            self._remember(task)
+            self._next_turn(task)
+        for event in events:
+            task = self._known(event.task_id)
+            if task is not None:
+                if event.kind is EventKind.CREATED:
+                    task.created_seq = event.seq
+                elif event.kind is EventKind.CHANGED:
+                    task.state_seq = event.seq
+            self._bus.deliver(event)
+
+    def _next_turn(self, ended: Task) -> None:
+        """`ended` (here or on another instance) held its app and environment: the oldest task
+        queued here behind it starts, if nothing else holds them."""
+        # Not one whose kill is under way: it is ending, though still `queued` for a moment.
+        waiting = [
+            t
+            for t in self._live.values()
+            if t.status is TaskStatus.QUEUED
+            and (t.app, t.env) == (ended.app, ended.env)
+            and t.id not in self._kill_requested
+        ]
+        if waiting and not self._closing and self._holder(ended.app, ended.env) is None:
+            turn = waiting[0]
+            # `created` in the same step as the end, before anything is awaited: no other
+            # request slips in between, it counts as running, and it is started once.
+            turn.take_turn()
+            self._store.save(turn)
+            self._publish(turn, EventKind.CHANGED)
+            log.info("task %d: its turn after task %d", turn.id, ended.id)
+            self._own(self._start(turn))
+
+    def kill_requested(self, requests: Iterable[tuple[int, str | None]]) -> None:
+        """Kills asked for through other instances, of tasks this one runs."""
+        for task_id, by in requests:
+            if task_id in self._live and task_id not in self._kill_requested:
+                self._own(self.kill(task_id, by))
+
     def live(self) -> list[Task]:
         """The tasks not ended: queued, created or running, oldest first."""
         return list(self._live.values())
 
     def _known(self, task_id: int) -> Task | None:
-        task = self._live.get(task_id)
+        task = self._live.get(task_id) or self._remote.get(task_id)
         if task is None:
             task = self._recent.get(task_id)
             if task is not None:
@@ -243,7 +328,8 @@ class TaskService:
 
     def counts(self) -> dict[str, int]:
         """How many tasks there are of each status (only statuses some task has)."""
-        counts = collections.Counter(task.status.value for task in self._live.values())
+        going = (*self._live.values(), *self._remote.values())
+        counts = collections.Counter(task.status.value for task in going)
         counts.update(self._ended)
         return {status: count for status, count in counts.items() if count}
 
@@ -253,10 +339,12 @@ class TaskService:
         return sum(1 for task in self._live.values() if task.status.going)
 
     def _holder(self, app: str, env: str) -> Task | None:
-        """The task deploying `app` to `env` now, if any."""
-        for task in reversed(self._live.values()):
-            if task.app == app and task.env == env and task.status.going:
-                return task
+        """The task deploying `app` to `env` now, if any (here or, as far as its events
+        tell, on another instance)."""
+        for tasks in (self._live, self._remote):
+            for task in reversed(tasks.values()):
+                if task.app == app and task.env == env and task.status.going:
+                    return task
         return None
 
     async def start(self) -> None:
@@ -376,6 +464,11 @@ class TaskService:
         task = await self.get(task_id)
         if task.status.ended:
             raise TaskEnded(task)
+        if task_id in self._remote and self._events is not None:
+            # Its instance stops it: it is told through the store.
+            self._events.request_kill(task_id, by)
+            log.info("task %d: kill requested by %s, of its instance", task_id, by or "anonymous")
+            return task
         if task_id not in self._kill_requested:
             self._kill_requested.add(task_id)
             task.killed_by = by
@@ -408,6 +501,8 @@ class TaskService:
     async def wait_ended(self, task: Task, timeout: float) -> bool:
         """Wait until `task` has ended; False if it is still going after `timeout`."""
         ended = self._ends.get(task.id)
+        if task.id in self._remote:
+            return await self._remote_end(task, timeout)
         if ended is None or task.status.ended:
             return task.status.ended
         try:
@@ -415,6 +510,16 @@ class TaskService:
         except TimeoutError:
             return False
         return True
+
+    async def _remote_end(self, task: Task, timeout: float) -> bool:
+        """Wait for the end of another instance's task, told by its events."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not task.status.ended:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or await self._bus.wait(state_topic(task.id), remaining) is None:
+                break
+        return task.status.ended
 
     @property
     def accepting(self) -> bool:
@@ -572,6 +677,9 @@ class TaskService:
         child.resume_output()
 
     def _publish(self, task: Task, kind: EventKind) -> None:
+        if self._events is not None and kind is not EventKind.OUTPUT:
+            self._events.publish(kind, task.id, task.status.value)  # numbered there
+            return
         event = self._bus.publish(kind, task.id, task.status.value)
         if kind is EventKind.CREATED:
             task.created_seq = event.seq
@@ -633,22 +741,18 @@ class TaskService:
             ended.set_result(None)
         for told in self.on_end:
             told(task)
-        # Not one whose kill is under way: it is ending, though still `queued` for a moment.
-        waiting = [
-            t
-            for t in self._live.values()
-            if t.status is TaskStatus.QUEUED
-            and (t.app, t.env) == (task.app, task.env)
-            and t.id not in self._kill_requested
-        ]
-        if waiting and not self._closing and self._holder(task.app, task.env) is None:
-            turn = waiting[0]
-            # `created` in the same step as the end above, before anything is awaited: no
-            # other request slips in between, it counts as running, and it is started once.
-            turn.take_turn()
-            self._store.save(turn)
-            self._publish(turn, EventKind.CHANGED)
-            log.info("task %d: its turn after task %d", turn.id, task.id)
-            self._own(self._start(turn))
+        self._next_turn(task)
         if self._config.retain_tasks is not None:
             await self.prune()
+
+
+# A task's fields as another instance records them; its event numbers come with its events.
+_REFRESHED = tuple(
+    f.name for f in dataclasses.fields(Task) if f.name not in ("id", "created_seq", "state_seq", "variables")
+)
+
+
+def _refresh(task: Task, row: Task) -> None:
+    """Bring another instance's task up to its row, in place (waiters hold the object)."""
+    for name in _REFRESHED:
+        setattr(task, name, getattr(row, name))

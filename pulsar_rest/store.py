@@ -18,7 +18,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.auth.tokens import ApiToken, digest, new_token
+from pulsar_rest.events import Event
 from pulsar_rest.names import check_name
 from pulsar_rest.output import LogWriter, OutputLog
 from pulsar_rest.tasks import Task, TaskStatus, utcnow
@@ -220,6 +221,12 @@ class History:
     live: list[Task]
     ended: dict[str, int]
     run: int
+    # A store that numbers events itself (shared by several instances): the current cursor,
+    # the recent events, and the oldest cursor they answer from. None: the bus numbers them.
+    seq: int | None = None
+    recent: list[Event] = field(default_factory=list)
+    horizon: int | None = None
+    others: list[Task] = field(default_factory=list)  # the tasks other instances run
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ _TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 
 
 # What changes whenever anything shown of a task changes (see Task.version).
-Version = tuple[int, int, int, str | None]
+Version = tuple[int, str, int, int, str | None]
 
 
 class InvalidTransition(RuntimeError):
@@ -97,9 +97,10 @@ class Task:
     @property
     def version(self) -> Version:
         """Changes whenever anything shown of the task changes: its status, its output, or
-        who asked for its kill (recorded before its status changes)."""
+        who asked for its kill (recorded before its status changes). The status itself too:
+        with a shared store, its event (and number) comes back a moment after it changed."""
         stdout = -1 if self.stdout is None else self.stdout.size
-        return self.state_seq, self.output.size, stdout, self.killed_by
+        return self.state_seq, self.status.value, self.output.size, stdout, self.killed_by
 
     def __post_init__(self) -> None:
         if self.variables and not self.variable_names:

@@ -16,6 +16,7 @@ from pulsar_rest.auth.identity import Authenticator
 from pulsar_rest.confrepo import ConfigRepo, RepoUnavailable
 from pulsar_rest.events import EventBus
 from pulsar_rest.metrics import Live, Metrics
+from pulsar_rest.pgfeed import PgFeed
 from pulsar_rest.pgstore import PgStore, shown_dsn
 from pulsar_rest.service import RunConfig, TaskService
 from pulsar_rest.settings import Settings
@@ -103,15 +104,15 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
         else:
             log.info("configuration repository %s at commit %s", conf.shown_url, commit)
     # With PostgreSQL, the output still lives in --data-dir.
-    store: TaskStore = (
-        SqliteStore(settings.data_dir)
-        if settings.database is None
-        else PgStore(settings.database, settings.data_dir)
-    )
+    pg = None if settings.database is None else PgStore(settings.database, settings.data_dir)
+    store: TaskStore = SqliteStore(settings.data_dir) if pg is None else pg
     history = await store.open()
-    if settings.database is not None:
-        log.info("history in PostgreSQL at %s", shown_dsn(settings.database))
-    bus = EventBus(last_seq=history.run << RUN_BITS)
+    if pg is not None:
+        log.info("history in PostgreSQL at %s, this instance %s", shown_dsn(pg.dsn), pg.instance)
+    if history.seq is None:
+        bus = EventBus(last_seq=history.run << RUN_BITS)
+    else:  # numbered by the database: the same cursors on every instance, across restarts
+        bus = EventBus(last_seq=history.seq, recent=history.recent, horizon=history.horizon)
     config = RunConfig(
         pulsar_bin=None if pulsar_bin is None else settings.pulsar_bin,
         conf=conf,
@@ -121,7 +122,11 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
         max_running=settings.max_running,
         run_root=settings.data_dir / "runs",
     )
-    service = TaskService(store, bus, config, history.live, history.ended)
+    service = TaskService(store, bus, config, history.live, history.ended, history.others)
+    feed = None
+    if pg is not None:
+        feed = PgFeed(pg.dsn, pg, bus, service.apply, service.kill_requested)
+        service.share(feed)
     app[STORE] = store
     app[CONF] = conf
     app[AUDIT] = Audit(store)
@@ -133,7 +138,11 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     app[BUS] = bus
     app[SERVICE] = service
     await service.start()
+    if feed is not None:
+        feed.start()
     yield
+    if feed is not None:
+        await feed.close()
     await service.close()
 
 
