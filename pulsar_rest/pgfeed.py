@@ -57,6 +57,10 @@ class PgFeed:
         """Ask the instance that runs a task to stop it."""
         self._store.request_kill(task_id, by)
 
+    async def first_queued(self, app: str, env: str) -> int | None:
+        """The oldest task queued for `app` and `env` by any instance: the next to go."""
+        return await self._store.first_queued(app, env)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen()), loop.create_task(self._deliver())]

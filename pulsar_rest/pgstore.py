@@ -30,6 +30,7 @@ from pulsar_rest.events import KEEP_EVENTS, Event, EventKind
 from pulsar_rest.names import check_name
 from pulsar_rest.output import OutputLog
 from pulsar_rest.store import (
+    AppEnvBusy,
     History,
     LogFiles,
     StoreError,
@@ -86,6 +87,9 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 -- Lists: a page is found in an index alone, in id order, whatever the filter (the primary
 -- key's index serves the list without one).
+-- One deploy at a time for each app and environment, whichever instance starts it: a second
+-- task going for the same waits for the first one's transaction, then is refused.
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_going ON tasks (app, env) WHERE status IN ('created', 'running');
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, id) INCLUDE (app, env, created_by);
 CREATE INDEX IF NOT EXISTS tasks_by_app ON tasks (app, id) INCLUDE (env, status, created_by);
 CREATE INDEX IF NOT EXISTS tasks_by_env ON tasks (env, id) INCLUDE (app, status, created_by);
@@ -166,6 +170,8 @@ _COLUMNS = (
 )  # fmt: skip
 _ENDED = [status.value for status in TaskStatus if status.ended]
 _NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
+_GOING = [status.value for status in TaskStatus if status.going]
+_ONE_GOING = "tasks_one_going"
 _SELECT = sql.SQL("SELECT {} FROM tasks").format(sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
 # A task's row as it is now; its event numbers are written with its events (a save that
 # comes before an event's number reached the task must not undo it), its owner at its start.
@@ -388,9 +394,41 @@ class PgStore:
         return self.logs.new(task_id, stdout)
 
     async def add(self, task: Task) -> None:
+        """Record `task`; AppEnvBusy if it would be a second one going for its app and env."""
         done = asyncio.get_running_loop().create_future()
         self._queue(UPSERT, pg_row(task, self.instance), done)
-        await done
+        try:
+            await done
+        except psycopg.errors.UniqueViolation as exc:
+            if not _refused_as_busy(exc):
+                raise
+            holder = await self._going(task.app, task.env)
+            if holder is None:  # it ended meanwhile: try again
+                return await self.add(task)
+            raise AppEnvBusy(holder) from None
+
+    async def _going(self, app: str, env: str) -> Task | None:
+        async def read(conn: Connection) -> Task | None:
+            query = _SELECT + sql.SQL(" WHERE app = %s AND env = %s AND status = ANY(%s)")
+            row = await (await conn.execute(query, (app, env, _GOING))).fetchone()
+            return None if row is None else self._task(row)
+
+        return await self._call(read)
+
+    async def first_queued(self, app: str, env: str) -> int | None:
+        """The oldest task queued for `app` and `env`, by any instance: the next to go."""
+
+        async def read(conn: Connection) -> int | None:
+            row = await (
+                await conn.execute(
+                    "SELECT min(id) FROM tasks WHERE app = %s AND env = %s AND status = 'queued' "
+                    "AND kill_requested_by IS NULL",
+                    (app, env),
+                )
+            ).fetchone()
+            return None if row is None or row[0] is None else int(row[0])
+
+        return await self._call(read)
 
     def save(self, task: Task) -> None:
         self._queue(UPSERT, pg_row(task, self.instance))
@@ -583,7 +621,8 @@ async def _write(conn: Connection, batch: list[Write], base: int) -> list[Except
             except psycopg.Error as exc:
                 if conn.broken:
                     raise
-                log.error("cannot write to the database: %s", _first_line(exc))
+                if not _refused_as_busy(exc):  # (that is no error: its caller answers it)
+                    log.error("cannot write to the database: %s", _first_line(exc))
                 errors.append(exc)
         if events:
             await _number(conn, events, base)
@@ -627,6 +666,10 @@ def _tell(
             done.set_exception(error)
         else:
             done.set_result(None)
+
+
+def _refused_as_busy(exc: psycopg.Error) -> bool:
+    return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == _ONE_GOING
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from pulsar_rest import confrepo, pulsar, runner
 from pulsar_rest.events import Event, EventBus, EventKind, state_topic
 from pulsar_rest.names import check_action, check_name
-from pulsar_rest.store import TaskFilter, TaskStore
+from pulsar_rest.store import AppEnvBusy, TaskFilter, TaskStore
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ class EventSink(Protocol):
     def publish(self, kind: EventKind, task_id: int, status: str | None) -> None: ...
 
     def request_kill(self, task_id: int, by: str | None) -> None: ...
+
+    async def first_queued(self, app: str, env: str) -> int | None: ...
 
 
 class TaskService:
@@ -278,6 +280,9 @@ class TaskService:
         ]
         if waiting and not self._closing and self._holder(ended.app, ended.env) is None:
             turn = waiting[0]
+            if self._events is not None:
+                self._own(self._take_shared_turn(turn, ended))
+                return
             # `created` in the same step as the end, before anything is awaited: no other
             # request slips in between, it counts as running, and it is started once.
             turn.take_turn()
@@ -285,6 +290,25 @@ class TaskService:
             self._publish(turn, EventKind.CHANGED)
             log.info("task %d: its turn after task %d", turn.id, ended.id)
             self._own(self._start(turn))
+
+    async def _take_shared_turn(self, turn: Task, ended: Task) -> None:
+        """The turn of a task queued here, with a store shared by several instances: the
+        oldest task queued by any of them goes first (its instance starts it when it hears of
+        the end), and the database lets one at a time hold the app and env."""
+        assert self._events is not None
+        if await self._events.first_queued(turn.app, turn.env) != turn.id:
+            return
+        if turn.status is not TaskStatus.QUEUED or turn.id in self._kill_requested or self._closing:
+            return  # taken meanwhile (another end's), or being killed
+        turn.take_turn()
+        try:
+            await self._store.add(turn)
+        except AppEnvBusy:
+            turn.status = TaskStatus.QUEUED  # another instance's task came first
+            return
+        self._publish(turn, EventKind.CHANGED)
+        log.info("task %d: its turn after task %d", turn.id, ended.id)
+        self._own(self._start(turn))
 
     def kill_requested(self, requests: Iterable[tuple[int, str | None]]) -> None:
         """Kills asked for through other instances, of tasks this one runs."""
@@ -418,6 +442,8 @@ class TaskService:
             variables=variables,
             stdout=self._store.new_output(task_id, stdout=True) if stdout else None,
         )
+        if self._events is not None:
+            holder = await self._claim(task, holder, queue)
         task.output.on_written = lambda count: self._publish(task, EventKind.OUTPUT)
         self._live[task.id] = task
         self._store.save(task)  # listed from now on: lists are the store's
@@ -430,6 +456,20 @@ class TaskService:
             log.info("task %d queued behind task %d: %s", task.id, holder.id, " ".join(task.command))
             await asyncio.shield(self._own(self._store.add(task)))
         return task
+
+    async def _claim(self, task: Task, holder: Task | None, queue: bool) -> Task | None:
+        """With a store shared by several instances, the database decides: the task is
+        recorded first, and refused there if another instance's holds its app and env (then
+        it is a DeployBusy, or queued behind that one). The task it waits for, if any."""
+        try:
+            await self._store.add(task)
+        except AppEnvBusy as busy:
+            if not queue:
+                raise DeployBusy(busy.holder) from None
+            task.status = TaskStatus.QUEUED
+            await self._store.add(task)
+            return busy.holder
+        return holder
 
     def _admit(self, app: str, env: str, queue: bool) -> Task | None:
         """The task a new one of `app`/`env` would wait for (None: it starts now), or why it

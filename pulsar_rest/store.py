@@ -213,6 +213,14 @@ class StoreError(RuntimeError):
     """The data directory cannot be used: the message is one line for the user."""
 
 
+class AppEnvBusy(RuntimeError):
+    """A shared store refused a second task deploying the same app and environment."""
+
+    def __init__(self, holder: Task) -> None:
+        super().__init__(f"{holder.app}/{holder.env} is busy with task {holder.id}")
+        self.holder = holder
+
+
 @dataclass(frozen=True)
 class History:
     """What a store holds at start: the tasks not ended (oldest first), how many ended

@@ -3,12 +3,16 @@ followed with the same cursors, and killed through another; a restart keeps the 
 
 from __future__ import annotations
 
+import json
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.serving import call, ended, listening_port
+from tests.serving import OPENER, TIMEOUT, call, ended, listening_port
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -54,3 +58,38 @@ def test_a_task_of_one_instance_is_followed_and_killed_through_another(
     later = call(f"{a}/shop/stage", {"action": "ok"})["task"]
     assert [t["id"] for t in call(f"{b}/tasks/created?since={cursor}&timeout=10")["tasks"]] == [later["id"]]
     assert ended(b, later["id"])["status"] == "finished"
+
+
+def post(base: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST JSON; the status and the JSON answer, errors too."""
+    request = urllib.request.Request(
+        base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with OPENER.open(request, timeout=TIMEOUT) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.load(exc)
+
+
+def test_one_deploy_at_a_time_for_each_app_and_env_across_instances(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    bases = [instance(start, tmp_path, name, postgres_dsn)[1] for name in ("a", "b", "c")]
+    # The same deploy through the three at once: the database lets exactly one run.
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda base: post(base, "/shop/prod", {"action": "hang"}), bases))
+    assert sorted(code for code, _ in answers) == [200, 409, 409], answers
+    (holder,) = [answer["task"] for code, answer in answers if code == 200]
+    refused = [answer["error"]["message"] for code, answer in answers if code == 409]
+    assert all(f"busy with task {holder['id']}" in message for message in refused), refused
+
+    # Queued through two others, they start one after the other, in the order they came.
+    first = post(bases[1], "/shop/prod", {"action": "ok", "queue": True})[1]["task"]
+    second = post(bases[2], "/shop/prod", {"action": "ok", "queue": True})[1]["task"]
+    assert (first["status"], second["status"]) == ("queued", "queued")
+    assert call(f"{bases[2]}/task/{holder['id']}/kill", {})["status"] == "killed"
+    done = [ended(bases[0], task["id"]) for task in (first, second)]
+    assert [task["status"] for task in done] == ["finished", "finished"]
+    assert done[0]["finishedAt"] <= done[1]["startedAt"]
