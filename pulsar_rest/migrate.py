@@ -3,9 +3,8 @@ PostgreSQL, for a server started with `--database` from then on.
 
 It runs while no server uses the data directory (it takes the directory's lock, as a server
 does), and only into a database that holds no task yet; all of it or nothing (one
-transaction). Tasks keep their ids, and ids go on after the last one ever handed out; the API
-tokens (their hashes) and the audit come along. The output logs stay in the data directory,
-where the server started with `--database` and the same `--data-dir` reads them.
+transaction). Tasks keep their ids, and ids go on after the last one ever handed out; their
+output, the API tokens (their hashes) and the audit come along. The log files stay too.
 """
 
 from __future__ import annotations
@@ -20,8 +19,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import psycopg
+from psycopg import sql
 
 from pulsar_rest.datadir import DataDirError, DataDirLock
+from pulsar_rest.pgstore import CHUNK as LOG_CHUNK
 from pulsar_rest.pgstore import UPSERT, PgStore, pg_row, shown_dsn
 from pulsar_rest.settings import SettingsError, load_settings, without_values
 from pulsar_rest.store import DB_NAME, SqliteStore, StoreError, history_rows
@@ -70,9 +71,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     tasks, tokens, records = moved
     print(
-        f"pulsar-rest migrate: {tasks} tasks, {tokens} API tokens and {records} audit records moved into "
-        f"{shown_dsn(settings.database)}; start pulsar-rest with --database and --data-dir "
-        f"{settings.data_dir} (its logs stay there)",
+        f"pulsar-rest migrate: {tasks} tasks (with their output), {tokens} API tokens and {records} "
+        f"audit records moved into {shown_dsn(settings.database)}; start pulsar-rest with --database",
         file=sys.stderr,
     )
     return 0
@@ -113,6 +113,10 @@ async def _copy(
         for chunk in history_rows(db, data_dir, CHUNK):
             await cursor.executemany(UPSERT, [pg_row(task, None) for task in chunk])
             tasks += len(chunk)
+            for task in chunk:  # their output too: every instance reads it from the database
+                await _copy_log(cursor, task.id, 0, task.output.path)
+                if task.stdout is not None:
+                    await _copy_log(cursor, task.id, 1, task.stdout.path)
     # Ids go on after the last one ever handed out (pruned ones included), as in SQLite.
     last = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
     if last and last[0]:
@@ -140,6 +144,24 @@ async def _copy(
     if records:
         await conn.execute("SELECT setval(pg_get_serial_sequence('audit', 'id'), %s)", (records[-1][0],))
     return tasks, len(tokens), len(records)
+
+
+async def _copy_log(cursor: psycopg.AsyncCursor[Any], task_id: int, stream: int, path: Path) -> None:
+    """A log file into output_chunks, a piece at a time (memory stays small)."""
+    start = 0
+    try:
+        with path.open("rb") as log:
+            while data := log.read(LOG_CHUNK):
+                await cursor.execute(
+                    "INSERT INTO output_chunks VALUES (%s, %s, %s, %s)", (task_id, stream, start, data)
+                )
+                start += len(data)
+    except FileNotFoundError:
+        return  # it never wrote
+    column = "stdout_size" if stream else "output_size"
+    await cursor.execute(
+        sql.SQL("UPDATE tasks SET {} = %s WHERE id = %s").format(sql.Identifier(column)), (start, task_id)
+    )
 
 
 def _when(text: str | None) -> datetime | None:

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -280,3 +280,19 @@ class OutputLog:
                 return log.read(end - offset)
         except FileNotFoundError:
             return b""  # pruned from the history while it was being read
+
+
+class ChunkLog(OutputLog):
+    """The log of a task as a database shared by several instances keeps it: read through
+    `reader(offset, end)`, of `size` bytes so far (it grows while another instance runs the
+    task). Its file is this instance's copy, if it ran the task."""
+
+    def __init__(self, path: Path, size: int, reader: Callable[[int, int], Awaitable[bytes]]) -> None:
+        super().__init__(path, None, size=size)
+        self._reader = reader
+
+    async def read(self, offset: int, limit: int) -> bytes:
+        end = min(self.size, offset + limit)
+        if offset >= end:
+            return b""
+        return await self._reader(offset, end)

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from pulsar_rest.events import Event, EventBus, EventKind
-from pulsar_rest.pgstore import CHANNEL, PgStore, shown_dsn
+from pulsar_rest.pgstore import CHANNEL, CHUNK, PgStore, shown_dsn
+from pulsar_rest.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 # Waits between attempts to reconnect the listener, the longest last.
 RECONNECT = (0.1, 0.5, 1.0, 2.0)
+# How long output waits before it is shipped to the database, with what follows it: a few
+# transactions a second for a task however fast it writes.
+SHIP_EVERY = 0.1
 
 
 class PgFeed:
@@ -36,14 +40,23 @@ class PgFeed:
         bus: EventBus,
         apply: Callable[[list[Event]], Awaitable[None]],
         kill: Callable[[list[tuple[int, str | None]]], None],
+        grew: Callable[[int, int, int], None],
+        remote: Callable[[], list[int]],
     ) -> None:
         """`apply` brings the service's tasks up to events and publishes them; `kill` is told
-        of kills asked for through other instances."""
+        of kills asked for through other instances; `grew` of the output of another
+        instance's task (its id, stream and size); `remote` says which tasks those are."""
         self._dsn = dsn
         self._store = store
         self._bus = bus
         self._apply = apply
         self._kill = kill
+        self._grew = grew
+        self._remote = remote
+        # Output shipping of each task this instance runs: a timer, or the shipping under way;
+        # and how much of each of its streams is shipped.
+        self._shipping: dict[int, asyncio.TimerHandle | asyncio.Task[None]] = {}
+        self._shipped: dict[tuple[int, int], int] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False  # for /health: notifications arrive (else the tick carries on)
@@ -60,6 +73,48 @@ class PgFeed:
     async def first_queued(self, app: str, env: str) -> int | None:
         """The oldest task queued for `app` and `env` by any instance: the next to go."""
         return await self._store.first_queued(app, env)
+
+    def output_written(self, task: Task) -> None:
+        """A task this instance runs wrote output: it is shipped soon, with what follows."""
+        if task.id not in self._shipping:
+            self._shipping[task.id] = asyncio.get_running_loop().call_later(SHIP_EVERY, self._ship_now, task)
+
+    def _ship_now(self, task: Task) -> None:
+        shipping = asyncio.get_running_loop().create_task(self._ship(task))
+        self._shipping[task.id] = shipping
+
+        def shipped(_: asyncio.Task[None]) -> None:
+            if self._shipping.get(task.id) is shipping:
+                del self._shipping[task.id]
+                if self._shipped.get((task.id, 0), 0) < task.output.size:  # written meanwhile
+                    self.output_written(task)
+
+        shipping.add_done_callback(shipped)
+
+    async def output_done(self, task: Task) -> None:
+        """The task's logs are complete: all of them shipped, before its end is written."""
+        pending = self._shipping.pop(task.id, None)
+        if isinstance(pending, asyncio.TimerHandle):
+            pending.cancel()
+        elif pending is not None:
+            with contextlib.suppress(Exception):
+                await pending
+        await self._ship(task)
+        self._shipped.pop((task.id, 0), None)
+        self._shipped.pop((task.id, 1), None)
+
+    async def _ship(self, task: Task) -> None:
+        for stream, log in ((0, task.output), (1, task.stdout)):
+            if log is None:
+                continue
+            done = self._shipped.get((task.id, stream), 0)
+            while done < log.size:
+                data = await log.read(done, min(CHUNK, log.size - done))
+                if not data:
+                    break  # its file is gone (it cannot be: its task still runs)
+                self._store.add_chunk(task.id, stream, done, data)
+                done += len(data)
+                self._shipped[(task.id, stream)] = done
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -84,6 +139,10 @@ class PgFeed:
                     await self._apply(events)
                 if requests := await self._store.kill_requests():
                     self._kill(requests)
+                # Sizes too, should a notification of output have been lost.
+                if remote := self._remote():
+                    for task_id, stream, size in await self._store.sizes(remote):
+                        self._grew(task_id, stream, size)
             except (psycopg.Error, OSError) as exc:
                 log.warning("cannot read the events: %s (again in %s s)", exc, TICK)
             except Exception:
@@ -102,8 +161,12 @@ class PgFeed:
                     failures = 0
                     self.listening = True
                     self._wake.set()  # what was missed while not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
+                    async for note in conn.notifies():
+                        if note.payload.startswith("o "):  # output: "o TASK STREAM SIZE"
+                            task_id, stream, size = map(int, note.payload.split()[1:])
+                            self._grew(task_id, stream, size)
+                        else:
+                            self._wake.set()
             except (psycopg.Error, OSError) as exc:
                 self.listening = False
                 pause = RECONNECT[min(failures, len(RECONNECT) - 1)]

@@ -16,6 +16,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ from pulsar_rest.auth.grants import Role
 from pulsar_rest.auth.tokens import ApiToken, digest, new_token
 from pulsar_rest.events import KEEP_EVENTS, Event, EventKind
 from pulsar_rest.names import check_name
-from pulsar_rest.output import OutputLog
+from pulsar_rest.output import ChunkLog, OutputLog
 from pulsar_rest.store import (
     AppEnvBusy,
     History,
@@ -126,6 +127,17 @@ ALTER TABLE tasks ADD COLUMN IF NOT EXISTS owner text;
 -- Who asked another instance than its owner to stop a task ('' for nobody known): its owner
 -- reads it and stops the task. A column of its own: the owner's saves never undo it.
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS kill_requested_by text;
+-- The output, as the instance that runs a task ships it (stream 0: all of it; 1: its stdout
+-- kept apart), a few times a second and whole before its end: every instance reads it, and
+-- it outlives the instance. output_size (and stdout_size) count what is shipped.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS stdout_size bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS output_chunks (
+    task_id bigint NOT NULL REFERENCES tasks ON DELETE CASCADE,
+    stream smallint NOT NULL,
+    start bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (task_id, stream, start)
+);
 -- Events: creations and status changes, numbered by one counter taken last in the writing
 -- transaction (its row stays locked to the commit), so numbers appear in commit order and a
 -- reader that has seen N has seen every number below it.
@@ -172,16 +184,21 @@ _ENDED = [status.value for status in TaskStatus if status.ended]
 _NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
 _GOING = [status.value for status in TaskStatus if status.going]
 _ONE_GOING = "tasks_one_going"
-_SELECT = sql.SQL("SELECT {} FROM tasks").format(sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
+# The most bytes of output in one row of output_chunks.
+CHUNK = 256 * 1024
+# What a task is read with: its row's columns, and the size of its stdout shipped.
+_READ = (*_COLUMNS, "stdout_size")
+_SELECT = sql.SQL("SELECT {} FROM tasks").format(sql.SQL(", ").join(map(sql.Identifier, _READ)))
 # A task's row as it is now; its event numbers are written with its events (a save that
-# comes before an event's number reached the task must not undo it), its owner at its start.
+# comes before an event's number reached the task must not undo it), its output's size as
+# its output is shipped, its owner at its start.
 UPSERT = sql.SQL("INSERT INTO tasks ({}, owner) VALUES ({}, %s) ON CONFLICT (id) DO UPDATE SET {}").format(
     sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
     sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)),
     sql.SQL(", ").join(
         sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
         for c in _COLUMNS[1:]
-        if c not in ("created_seq", "state_seq")
+        if c not in ("created_seq", "state_seq", "output_size")
     ),
 )
 _SELECT_TOKENS = "SELECT name, role, created_at, expires_at, last_used_at FROM api_tokens"
@@ -378,7 +395,62 @@ class PgStore:
         ]
 
     def _task(self, row: tuple[Any, ...]) -> Task:
-        return task_from(self.logs, dict(zip(_COLUMNS, row, strict=True)))
+        fields = dict(zip(_READ, row, strict=True))
+        task_id = fields["id"]
+        output = ChunkLog(
+            self.logs.path(task_id), fields["output_size"], partial(self.read_chunks, task_id, 0)
+        )
+        stdout = None
+        if fields["stdout"]:
+            stdout = ChunkLog(
+                self.logs.path(task_id, stdout=True),
+                fields["stdout_size"],
+                partial(self.read_chunks, task_id, 1),
+            )
+        return task_from(fields, output, stdout)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def add_chunk(self, task_id: int, stream: int, start: int, data: bytes) -> None:
+        """Keep the bytes of a task's output from `start` (after the earlier ones), and tell
+        every instance the output's new size."""
+        column = sql.Identifier("stdout_size" if stream else "output_size")
+        self._queue(
+            sql.SQL("INSERT INTO output_chunks VALUES (%s, %s, %s, %s)"), (task_id, stream, start, data)
+        )
+        self._queue(
+            sql.SQL("UPDATE tasks SET {} = %s WHERE id = %s").format(column), (start + len(data), task_id)
+        )
+        self._queue(
+            sql.SQL("SELECT pg_notify(%s, %s)"), (CHANNEL, f"o {task_id} {stream} {start + len(data)}")
+        )
+
+    async def sizes(self, task_ids: list[int]) -> list[tuple[int, int, int]]:
+        """The shipped size of each stream of these tasks: (id, stream, size)."""
+
+        async def read(conn: Connection) -> list[tuple[int, int, int]]:
+            query = "SELECT id, output_size, stdout_size FROM tasks WHERE id = ANY(%s)"
+            rows = await (await conn.execute(query, (task_ids,))).fetchall()
+            return [(task_id, stream, sizes[stream]) for task_id, *sizes in rows for stream in (0, 1)]
+
+        return await self._call(read)
+
+    async def read_chunks(self, task_id: int, stream: int, offset: int, end: int) -> bytes:
+        """The bytes of a task's output from `offset` to `end` (fewer if not shipped yet)."""
+
+        async def read(conn: Connection) -> bytes:
+            rows = await (
+                await conn.execute(
+                    "SELECT start, data FROM output_chunks WHERE task_id = %s AND stream = %s "
+                    "AND start > %s AND start < %s ORDER BY start",
+                    (task_id, stream, offset - CHUNK, end),
+                )
+            ).fetchall()
+            data = b"".join(bytes(chunk) for _, chunk in rows)
+            first = rows[0][0] if rows else offset
+            return data[max(0, offset - first) : end - first]
+
+        return await self._call(read)
 
     # -- tasks ---------------------------------------------------------------------------------
 

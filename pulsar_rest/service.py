@@ -148,6 +148,10 @@ class EventSink(Protocol):
 
     async def first_queued(self, app: str, env: str) -> int | None: ...
 
+    def output_written(self, task: Task) -> None: ...
+
+    async def output_done(self, task: Task) -> None: ...
+
 
 class TaskService:
     def __init__(
@@ -444,7 +448,7 @@ class TaskService:
         )
         if self._events is not None:
             holder = await self._claim(task, holder, queue)
-        task.output.on_written = lambda count: self._publish(task, EventKind.OUTPUT)
+        task.output.on_written = lambda count: self._written(task)
         self._live[task.id] = task
         self._store.save(task)  # listed from now on: lists are the store's
         self._ends[task.id] = asyncio.get_running_loop().create_future()
@@ -716,6 +720,24 @@ class TaskService:
         self._paused.discard(task.id)
         child.resume_output()
 
+    def _written(self, task: Task) -> None:
+        """Output of a task this instance runs reached its log."""
+        self._publish(task, EventKind.OUTPUT)
+        if self._events is not None:
+            self._events.output_written(task)  # for the other instances
+
+    def output_grew(self, task_id: int, stream: int, size: int) -> None:
+        """The output of another instance's task grew (as shipped to the shared store)."""
+        task = self._remote.get(task_id)
+        log = None if task is None else task.output if stream == 0 else task.stdout
+        if task is not None and log is not None and size > log.size:
+            log.size = size
+            self._bus.publish(EventKind.OUTPUT, task_id, task.status.value)
+
+    def remote_ids(self) -> list[int]:
+        """The tasks other instances run, as far as this one knows."""
+        return list(self._remote)
+
     def _publish(self, task: Task, kind: EventKind) -> None:
         if self._events is not None and kind is not EventKind.OUTPUT:
             self._events.publish(kind, task.id, task.status.value)  # numbered there
@@ -762,6 +784,8 @@ class TaskService:
         if task.stdout is not None:
             await task.stdout.close()
         await task.output.close()
+        if self._events is not None:
+            await self._events.output_done(task)  # the other instances read it all before the end
         if self._config.run_root is not None:
             # The runner removes it itself, unless it was killed with SIGKILL.
             await asyncio.to_thread(shutil.rmtree, self._run_dir(task.id), True)
@@ -788,11 +812,17 @@ class TaskService:
 
 # A task's fields as another instance records them; its event numbers come with its events.
 _REFRESHED = tuple(
-    f.name for f in dataclasses.fields(Task) if f.name not in ("id", "created_seq", "state_seq", "variables")
+    f.name
+    for f in dataclasses.fields(Task)
+    if f.name not in ("id", "created_seq", "state_seq", "variables", "output", "stdout")
 )
 
 
 def _refresh(task: Task, row: Task) -> None:
-    """Bring another instance's task up to its row, in place (waiters hold the object)."""
+    """Bring another instance's task up to its row, in place (waiters hold the object); its
+    logs only grow (a notification of output may have come before the row was read)."""
     for name in _REFRESHED:
         setattr(task, name, getattr(row, name))
+    task.output.size = max(task.output.size, row.output.size)
+    if task.stdout is not None and row.stdout is not None:
+        task.stdout.size = max(task.stdout.size, row.stdout.size)

@@ -333,21 +333,17 @@ class LogFiles:
         self._writer.close()
 
 
-def task_from(logs: LogFiles, fields: dict[str, Any]) -> Task:
-    """A task of the history from its row's fields, as Python values."""
+def task_from(fields: dict[str, Any], output: OutputLog, stdout: OutputLog | None) -> Task:
+    """A task of the history from its row's fields, as Python values, and its logs."""
     task_id, status = fields["id"], TaskStatus(fields["status"])
-    # The size recorded at its end is the log's: the end is recorded once the log is complete.
-    # A task not ended may have written more since its last record (before a crash): its file
-    # says how much.
-    size = fields["output_size"] if status.ended else None
     return Task(
         id=task_id,
         app=fields["app"],
         env=fields["env"],
         action=fields["action"],
         command=list(fields["command"]),
-        output=logs.existing(task_id, size=size),
-        stdout=logs.existing(task_id, stdout=True) if fields["stdout"] else None,
+        output=output,
+        stdout=stdout,
         created_at=fields["created_at"],
         status=status,
         started_at=fields["started_at"],
@@ -386,7 +382,13 @@ def _sqlite_task(logs: LogFiles, row: tuple[Any, ...]) -> Task:
         fields[name] = _time(fields[name])
     fields["command"] = json.loads(fields["command"])
     fields["variable_names"] = json.loads(fields["variable_names"])
-    return task_from(logs, fields)
+    task_id = fields["id"]
+    # The size recorded at its end is the log's: the end is recorded once the log is complete.
+    # A task not ended may have written more since its last record (before a crash): its file
+    # says how much.
+    size = fields["output_size"] if TaskStatus(fields["status"]).ended else None
+    stdout = logs.existing(task_id, stdout=True) if fields["stdout"] else None
+    return task_from(fields, logs.existing(task_id, size=size), stdout)
 
 
 def history_rows(db: sqlite3.Connection, data_dir: Path, chunk: int) -> Iterator[list[Task]]:

@@ -93,3 +93,36 @@ def test_one_deploy_at_a_time_for_each_app_and_env_across_instances(
     done = [ended(bases[0], task["id"]) for task in (first, second)]
     assert [task["status"] for task in done] == ["finished", "finished"]
     assert done[0]["finishedAt"] <= done[1]["startedAt"]
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    with OPENER.open(request, timeout=TIMEOUT) as resp:
+        return resp.status, resp.read()
+
+
+def test_the_output_of_one_instance_s_task_is_followed_through_another(
+    start: Start, tmp_path: Path, postgres_dsn: str, gates: Path
+) -> None:
+    _, a = instance(start, tmp_path, "a", postgres_dsn)
+    _, b = instance(start, tmp_path, "b", postgres_dsn)
+    task = call(f"{a}/shop/prod", {"action": "gate[g]", "stdout": True})["task"]
+    # Followed through B with byte offsets, as the console and `pulsar-rest follow` do.
+    first = call(f"{b}/task/{task['id']}/output?offset=0&timeout=10")
+    assert first["output"] == "waiting for g\n" and not first["complete"]
+    (gates / "g").touch()
+    text, offset = first["output"], first["nextOffset"]
+    while True:
+        answer = call(f"{b}/task/{task['id']}/output?offset={offset}&timeout=10")
+        text, offset = text + answer["output"], answer["nextOffset"]
+        if answer["complete"]:
+            break
+    assert answer["task"]["status"] == "finished"
+    whole = get(f"{a}/task/{task['id']}/log")[1]
+    assert text.encode() == whole and whole.startswith(b"waiting for g\npassed g\n")
+    # The log and the stdout, whole or in part, from the database through B.
+    assert get(f"{b}/task/{task['id']}/log") == (200, whole)
+    assert get(f"{b}/task/{task['id']}/log", {"Range": "bytes=-9"}) == (206, whole[-9:])
+    assert get(f"{b}/task/{task['id']}/stdout")[1] == get(f"{a}/task/{task['id']}/stdout")[1]
+    shown = call(f"{b}/task/{task['id']}")
+    assert (shown["output"], shown["outputSize"]) == (whole.decode(), len(whole))

@@ -67,14 +67,20 @@ async def test_a_history_moves_into_postgresql_and_is_served_from_there(
     dsn = postgres_dsn.replace("postgresql://postgres@", "postgresql://postgres:s3cret@")
     done = migrate("--to", dsn, "--data-dir", str(settings.data_dir))
     assert done.returncode == 0, done.stderr
-    assert "3 tasks, 1 API tokens and 3 audit records moved into postgresql://postgres:***@" in done.stderr
+    assert (
+        "3 tasks (with their output), 1 API tokens and 3 audit records moved into postgresql://postgres:***@"
+        in done.stderr
+    )
     assert "s3cret" not in done.stderr
 
     again = await make_client(database=postgres_dsn)
+    elsewhere = await make_client(database=postgres_dsn, data_dir=settings.data_dir.parent / "elsewhere")
     for task_id, task in before.items():
         now = await get_json(again, f"/task/{task_id}")
         assert {k: now[k] for k in KEPT} == {k: task[k] for k in KEPT}
         assert await (await again.get(f"/task/{task_id}/log")).read() == logs[task_id]  # the same files
+        # and in the database, for the instances of other data directories
+        assert await (await elsewhere.get(f"/task/{task_id}/log")).read() == logs[task_id]
     listed = await get_json(again, "/tasks", app="shop")
     assert (listed["total"], listed["ids"]) == (2, [made[2]["id"], made[0]["id"]])
     assert (await get_json(again, "/status"))["tasks"] == {"finished": 2, "failed": 1}
@@ -86,6 +92,7 @@ async def test_a_history_moves_into_postgresql_and_is_served_from_there(
     tokens = await asyncio.to_thread(PgTokenAdmin(postgres_dsn).tokens)  # a command's, not async
     assert [token.name for token in tokens] == ["ci"]
     await again.close()
+    await elsewhere.close()
 
     # Once there, never twice: the database holds tasks now.
     one_line_error(

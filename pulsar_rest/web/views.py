@@ -12,14 +12,14 @@ import json
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiMapping
 
 from pulsar_rest.audit import AuditAction
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.events import CursorGone, Event, EventKind, created_topic, state_topic, task_topic
-from pulsar_rest.output import OutputLog, complete_chars
+from pulsar_rest.output import ChunkLog, OutputLog, complete_chars
 from pulsar_rest.store import TaskFilter
 from pulsar_rest.tasks import Task, TaskStatus
 from pulsar_rest.web import fanout, params
@@ -166,10 +166,44 @@ async def get_stdout(request: web.Request) -> web.StreamResponse:
 async def _log_file(request: web.Request, task: Task, log: OutputLog) -> web.StreamResponse:
     headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
     if not log.path.exists():
+        if isinstance(log, ChunkLog) and log.size:
+            return await _log_chunks(request, log, headers)  # another instance wrote it
         if log.size == 0 and await request.app[SERVICE].find(task.id) is not None:
             return web.Response(headers=headers)  # nothing yet: the file comes with the first byte
         raise ApiError(404, f"the output of task {task.id} is gone (pruned from the history)")
     return web.FileResponse(log.path, headers=headers)
+
+
+# Bytes read from the database at a time for GET /task/:id/log.
+_LOG_PIECE = 1024 * 1024
+
+
+async def _log_chunks(request: web.Request, log: ChunkLog, headers: dict[str, str]) -> web.StreamResponse:
+    """A log kept in the shared database, as FileResponse serves a file: whole, or the
+    range asked for (206), read a piece at a time."""
+    size = log.size
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise ApiError(416, "the Range header must be bytes=START-END, START- or -COUNT") from None
+    ranged = hdrs.RANGE in request.headers
+    start = 0 if wanted.start is None else max(0, size + wanted.start) if wanted.start < 0 else wanted.start
+    stop = size if wanted.stop is None else min(wanted.stop, size)
+    if ranged and start >= size:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={hdrs.CONTENT_RANGE: f"bytes */{size}"})
+    response = web.StreamResponse(status=206 if ranged else 200, headers=headers)
+    if ranged:
+        response.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{stop - 1}/{size}"
+    response.content_length = stop - start
+    await response.prepare(request)
+    while start < stop:
+        data = await log.read(start, min(_LOG_PIECE, stop - start))
+        if not data:
+            break
+        await response.write(data)
+        start += len(data)
+    await response.write_eof()
+    return response
 
 
 async def tasks_created(request: web.Request) -> web.Response:
