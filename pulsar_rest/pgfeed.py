@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import psycopg
 
+from pulsar_rest import runner
 from pulsar_rest.events import Event, EventBus, EventKind
 from pulsar_rest.pgstore import CHANNEL, CHUNK, PgStore, shown_dsn
 from pulsar_rest.tasks import Task
@@ -139,6 +141,8 @@ class PgFeed:
                     await self._apply(events)
                 if requests := await self._store.kill_requests():
                     self._kill(requests)
+                if swept := await self._store.sweep():
+                    await self._stop_leftovers(swept)
                 # Sizes too, should a notification of output have been lost.
                 if remote := self._remote():
                     for task_id, stream, size in await self._store.sizes(remote):
@@ -148,6 +152,16 @@ class PgFeed:
             except Exception:
                 # Whatever it was, the feed goes on: a stopped feed would stop every follower.
                 log.exception("the events could not be delivered (again in %s s)", TICK)
+
+    async def _stop_leftovers(self, swept: list[tuple[int, str | None, str]]) -> None:
+        """Tasks of an instance that died are interrupted (their output kept as far as it was
+        shipped); what they left running on this host is stopped, found by its marker."""
+        for task_id, _, owner in swept:
+            log.warning("task %d was running on %s, which is gone: interrupted", task_id, owner)
+        here = socket.gethostname() + "-"
+        markers = {marker for _, marker, owner in swept if marker and owner.startswith(here)}
+        if markers and (stopped := await asyncio.to_thread(runner.kill_marked, markers)):
+            log.warning("stopped %d processes left by tasks of an instance that is gone", stopped)
 
     async def _listen(self) -> None:
         failures = 0

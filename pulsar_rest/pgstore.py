@@ -184,6 +184,17 @@ _ENDED = [status.value for status in TaskStatus if status.ended]
 _NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
 _GOING = [status.value for status in TaskStatus if status.going]
 _ONE_GOING = "tasks_one_going"
+# The lease connection notices a dead link within seconds, not the kernel's two hours: its
+# lock must go with a host that is gone, not only with a process.
+_LEASE_KEEPALIVE: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
+_TRY_LEASE = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+_END_LEASE = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
 # The most bytes of output in one row of output_chunks.
 CHUNK = 256 * 1024
 # What a task is read with: its row's columns, and the size of its stdout shipped.
@@ -239,6 +250,7 @@ class PgStore:
         # Told after each commit that numbered events (the feed reads them at once).
         self.on_events: Callable[[], None] | None = None
         self._conn: Connection | None = None
+        self._lease: Connection | None = None
         # Every statement, in order: (what to run on the connection, who awaits its result).
         self._jobs: asyncio.Queue[
             tuple[Callable[[Connection], Awaitable[Any]], asyncio.Future[Any]] | None
@@ -305,6 +317,13 @@ class PgStore:
         try:
             self.logs.dir.mkdir(parents=True, exist_ok=True)
             self.instance = instance_id(self.logs.dir.parent)
+            # This instance's lease: a lock its own idle connection holds for as long as the
+            # instance lives. The database lets go of it when the instance dies (its socket
+            # closes), and then the others take its tasks for interrupted (sweep).
+            self._lease = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=10, **_LEASE_KEEPALIVE
+            )
+            await self._lease.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self.instance,))
             return await self._call(self._open)
         except psycopg.Error as exc:
             raise StoreError(f"--database {shown_dsn(self.dsn)}: {_first_line(exc)}") from None
@@ -424,6 +443,39 @@ class PgStore:
         self._queue(
             sql.SQL("SELECT pg_notify(%s, %s)"), (CHANNEL, f"o {task_id} {stream} {start + len(data)}")
         )
+
+    async def sweep(self) -> list[tuple[int, str | None, str]]:
+        """Tasks of instances that are gone (their lease is free), recorded as interrupted,
+        each with its numbered event: (id, marker, owner) of each."""
+
+        async def sweep(conn: Connection) -> list[tuple[int, str | None, str]]:
+            owners = await (
+                await conn.execute(
+                    "SELECT DISTINCT owner FROM tasks WHERE status = ANY(%s) AND owner <> %s",
+                    (_NOT_ENDED, self.instance),
+                )
+            ).fetchall()
+            swept: list[tuple[int, str | None, str]] = []
+            for (owner,) in owners:
+                row = await (await conn.execute(_TRY_LEASE, (owner,))).fetchone()
+                if not (row and row[0]):
+                    continue  # it lives
+                await conn.execute(_END_LEASE, (owner,))
+                async with conn.transaction():
+                    rows = await (
+                        await conn.execute(
+                            "UPDATE tasks SET status = 'interrupted', finished_at = now() "
+                            "WHERE owner = %s AND status = ANY(%s) RETURNING id, marker",
+                            (owner, _NOT_ENDED),
+                        )
+                    ).fetchall()
+                    if rows:
+                        changes = [(EventKind.CHANGED.value, task_id, "interrupted") for task_id, _ in rows]
+                        await _number(conn, changes, self.base)
+                swept += [(task_id, marker, owner) for task_id, marker in rows]
+            return swept
+
+        return await self._call(sweep)
 
     async def sizes(self, task_ids: list[int]) -> list[tuple[int, int, int]]:
         """The shipped size of each stream of these tasks: (id, stream, size)."""
@@ -646,6 +698,9 @@ class PgStore:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+        if self._lease is not None:
+            await self._lease.close()  # the lease ends with the instance
+            self._lease = None
         self.logs.close()
 
 

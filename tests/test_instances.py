@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import alive
 from tests.serving import OPENER, TIMEOUT, call, ended, listening_port
 
 Start = Callable[..., subprocess.Popen[str]]
@@ -126,3 +128,28 @@ def test_the_output_of_one_instance_s_task_is_followed_through_another(
     assert get(f"{b}/task/{task['id']}/stdout")[1] == get(f"{a}/task/{task['id']}/stdout")[1]
     shown = call(f"{b}/task/{task['id']}")
     assert (shown["output"], shown["outputSize"]) == (whole.decode(), len(whole))
+
+
+def test_when_an_instance_dies_the_others_interrupt_its_tasks_and_go_on(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    a_proc, a = instance(start, tmp_path, "a", postgres_dsn)
+    _, b = instance(start, tmp_path, "b", postgres_dsn)
+    task = call(f"{a}/shop/prod", {"action": "hang"})["task"]
+    # Its first output shipped (B reads it), and a deploy of the same queued through B.
+    assert "hanging" in call(f"{b}/task/{task['id']}/output?offset=0&timeout=10")["output"]
+    queued = post(b, "/shop/prod", {"action": "ok", "queue": True})[1]["task"]
+    assert queued["status"] == "queued"
+    since = call(f"{b}/status")["seq"]
+
+    a_proc.kill()  # kill -9: no goodbye
+    a_proc.communicate(timeout=TIMEOUT)
+    changed = call(f"{b}/task/{task['id']}/state?since={since}&timeout=5")
+    assert changed["changed"] and changed["task"]["status"] == "interrupted"
+    assert get(f"{b}/task/{task['id']}/log")[1].startswith(b"hanging")  # what was shipped stays
+    assert ended(b, queued["id"])["status"] == "finished"  # the next deploy goes on, on B
+    # What the task left running on this host is stopped (found by its marker).
+    deadline = time.monotonic() + TIMEOUT
+    while alive(task["pid"]):
+        assert time.monotonic() < deadline, "the dead instance's task still runs"
+        time.sleep(0.01)
