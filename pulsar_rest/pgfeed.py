@@ -167,7 +167,12 @@ class PgFeed:
         failures = 0
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, connect_timeout=10)
+                conn = await psycopg.AsyncConnection.connect(
+                    self._dsn,
+                    autocommit=True,
+                    connect_timeout=10,
+                    application_name=self._store.connection_name("listener"),
+                )
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     if failures:

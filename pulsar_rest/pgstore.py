@@ -261,13 +261,21 @@ class PgStore:
 
     # -- the connection, and the order of statements ------------------------------------------
 
+    def connection_name(self, role: str) -> str:
+        """What pg_stat_activity shows of a connection: which instance, for what."""
+        return f"pulsar-rest {self.instance} {role}"[:63]
+
     async def _connect(self) -> Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 log.warning("the connection to %s was lost: connecting again", shown_dsn(self.dsn))
             # UTC: times come back as they went in (the API shows them with a Z).
             self._conn = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, connect_timeout=10, options="-c timezone=UTC"
+                self.dsn,
+                autocommit=True,
+                connect_timeout=10,
+                options="-c timezone=UTC",
+                application_name=self.connection_name("store"),
             )
         return self._conn
 
@@ -321,7 +329,11 @@ class PgStore:
             # instance lives. The database lets go of it when the instance dies (its socket
             # closes), and then the others take its tasks for interrupted (sweep).
             self._lease = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, connect_timeout=10, **_LEASE_KEEPALIVE
+                self.dsn,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=self.connection_name("lease"),
+                **_LEASE_KEEPALIVE,
             )
             await self._lease.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self.instance,))
             return await self._call(self._open)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -131,6 +132,9 @@ def _redacted(environ: dict[str, str], variables: dict[str, str], values: set[st
 
 # How often old history is pruned by age (by count, it is after each task's end).
 PRUNE_EVERY = 3600.0
+# The longest a create waits for its event to come back from a shared store (a moment,
+# unless the database is down: then the answer does not wait for ever).
+DELIVERY_WAIT = 5.0
 # How often exited processes the server adopted from tasks are collected.
 REAP_EVERY = 1.0
 # Ended tasks kept in memory, the most recently ended or asked for: those a console or a
@@ -176,6 +180,8 @@ class TaskService:
         self._remote: dict[int, Task] = {task.id: task for task in others}
         self._events: EventSink | None = None  # set by share()
         self._start_seq = bus.seq  # events after it are news to this instance
+        # Creations waiting for their number from the shared store (see create).
+        self._numbering: dict[int, asyncio.Future[None]] = {}
         # Ended tasks recently seen, least recent first (at most RECENT).
         self._recent: collections.OrderedDict[int, Task] = collections.OrderedDict()
         # The ended tasks by status, kept up as tasks end and are pruned (the live ones are
@@ -219,10 +225,11 @@ class TaskService:
         if missing:
             for task_id, task in (await self._store.find(missing)).items():
                 # A task that ended while the store was read is in memory, and is the same. One
-                # that goes on (another instance's, not yet in its events) is not kept: it would
-                # not be kept up.
+                # that goes on is another instance's, met before its events: kept up from now.
                 known = self._known(task_id)
-                found[task_id] = known or (self._remember(task) if task.status.ended else task)
+                if known is None:
+                    known = self._remember(task) if task.status.ended else self._track(task)
+                found[task_id] = known
         return found
 
     async def page(self, where: TaskFilter, offset: int, limit: int) -> tuple[list[Task], int]:
@@ -230,6 +237,16 @@ class TaskService:
         match in all."""
         tasks, total = await self._store.page(where, offset, limit)
         return [self._known(task.id) or task for task in tasks], total
+
+    def _track(self, task: Task) -> Task:
+        """Another instance's task, read before its events reached this one: kept up by them
+        from now on, its numbers never ahead of this instance's cursor."""
+        if task.state_seq > self._bus.seq:
+            task.state_seq = 0
+        if task.created_seq > self._bus.seq:
+            task.created_seq = 0
+        self._remote[task.id] = task
+        return task
 
     def share(self, events: EventSink) -> None:
         """The store is shared with other instances: creations and changes are numbered
@@ -267,6 +284,9 @@ class TaskService:
             if task is not None:
                 if event.kind is EventKind.CREATED:
                     task.created_seq = event.seq
+                    numbered = self._numbering.pop(task.id, None)
+                    if numbered is not None and not numbered.done():
+                        numbered.set_result(None)
                 elif event.kind is EventKind.CHANGED:
                     task.state_seq = event.seq
             self._bus.deliver(event)
@@ -453,13 +473,25 @@ class TaskService:
         self._store.save(task)  # listed from now on: lists are the store's
         self._ends[task.id] = asyncio.get_running_loop().create_future()
         self._publish(task, EventKind.CREATED)
+        numbered = self._numbered(task) if self._events is not None else None
         # Who asked is in the audit's line; the command, in the line of its start (or queue).
         if holder is None:
             await asyncio.shield(self._own(self._start(task)))
         else:
             log.info("task %d queued behind task %d: %s", task.id, holder.id, " ".join(task.command))
             await asyncio.shield(self._own(self._store.add(task)))
+        if numbered is not None:
+            # Its creation is among this instance's events before the answer: a client that
+            # asks for what was created since its cursor sees the task it has just made.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(numbered), DELIVERY_WAIT)
         return task
+
+    def _numbered(self, task: Task) -> asyncio.Future[None]:
+        """Resolved when the shared store's number of the task's creation comes back."""
+        numbered = asyncio.get_running_loop().create_future()
+        self._numbering[task.id] = numbered
+        return numbered
 
     async def _claim(self, task: Task, holder: Task | None, queue: bool) -> Task | None:
         """With a store shared by several instances, the database decides: the task is
@@ -508,7 +540,7 @@ class TaskService:
         task = await self.get(task_id)
         if task.status.ended:
             raise TaskEnded(task)
-        if task_id in self._remote and self._events is not None:
+        if self._events is not None and task_id not in self._live:
             # Its instance stops it: it is told through the store.
             self._events.request_kill(task_id, by)
             log.info("task %d: kill requested by %s, of its instance", task_id, by or "anonymous")
@@ -545,7 +577,7 @@ class TaskService:
     async def wait_ended(self, task: Task, timeout: float) -> bool:
         """Wait until `task` has ended; False if it is still going after `timeout`."""
         ended = self._ends.get(task.id)
-        if task.id in self._remote:
+        if self._events is not None and task.id not in self._live:
             return await self._remote_end(task, timeout)
         if ended is None or task.status.ended:
             return task.status.ended

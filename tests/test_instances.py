@@ -13,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from tests.conftest import alive
-from tests.serving import OPENER, TIMEOUT, call, ended, listening_port
+from tests.serving import OPENER, TIMEOUT, call, ended, listening_port, wait_for
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -153,3 +155,92 @@ def test_when_an_instance_dies_the_others_interrupt_its_tasks_and_go_on(
     while alive(task["pid"]):
         assert time.monotonic() < deadline, "the dead instance's task still runs"
         time.sleep(0.01)
+
+
+async def test_a_listener_cut_by_the_database_costs_a_moment_not_an_event(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    _, a = instance(start, tmp_path, "a", postgres_dsn)
+    b_proc, b = instance(start, tmp_path, "b", postgres_dsn)
+    since = call(f"{b}/status")["seq"]
+    b_name = (tmp_path / "b" / "data" / "instance").read_text().strip()
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        cut = await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"pulsar-rest {b_name} listener",),
+        )
+        assert [row[0] for row in await cut.fetchall()] == [True]
+    # Made at once through A: B still hears of it, within its tick, and listens again.
+    task = call(f"{a}/shop/prod", {"action": "ok"})["task"]
+    created = call(f"{b}/tasks/created?since={since}&timeout=5")
+    assert [t["id"] for t in created["tasks"]] == [task["id"]]
+    log = tmp_path / "b" / "logs-1" / "pulsar-rest.log"
+    wait_for(lambda: "listening to" in log.read_text(), b_proc, "the listener to be back")
+
+
+def follow_events(
+    base: str, since: int, until: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    """Read /events (SSE) from `since` until `until(events)` holds: each event's id (its
+    cursor), kind, task and status."""
+    request = urllib.request.Request(f"{base}/events?since={since}")
+    events: list[dict[str, Any]] = []
+    with OPENER.open(request, timeout=TIMEOUT) as stream:
+        fields: dict[str, str] = {}
+        for raw in stream:
+            line = raw.decode().rstrip("\n")
+            if line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+                continue
+            if "id" in fields and fields.get("event", "").startswith("task."):
+                data = json.loads(fields["data"])
+                events.append({"seq": int(fields["id"]), "event": fields["event"], "task": data["task"]["id"],
+                               "status": data["status"]})  # fmt: skip
+                if until(events):
+                    return events
+            fields = {}
+    raise AssertionError("the event stream ended")
+
+
+def test_a_soak_through_three_instances_loses_and_repeats_nothing(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    bases = [instance(start, tmp_path, name, postgres_dsn)[1] for name in ("a", "b", "c")]
+    since = call(f"{bases[0]}/status")["seq"]
+    count = 24  # half of them hang and are killed through another instance than theirs
+
+    def done(events: list[dict[str, Any]]) -> bool:
+        ended = {e["task"] for e in events if e["status"] in ("finished", "killed")}
+        return len(ended) == count
+
+    with ThreadPoolExecutor(3 + 8) as pool:
+        followers = [pool.submit(follow_events, base, since, done) for base in bases]
+
+        def deploy(index: int) -> dict[str, Any]:
+            base = bases[index % 3]
+            hang = index % 2 == 0
+            task: dict[str, Any] = call(
+                f"{base}/app{index}/prod", {"action": "hang" if hang else "lines[300]"}
+            )["task"]
+            if hang:
+                assert "hanging" in call(f"{base}/task/{task['id']}/output?offset=0&timeout=10")["output"]
+                assert call(f"{bases[(index + 1) % 3]}/task/{task['id']}/kill", {})["status"] == "killed"
+            return task
+
+        tasks = list(pool.map(deploy, range(count)))
+        seen = [follower.result(timeout=TIMEOUT) for follower in followers]
+    # Every instance told the same events, in the same order, each once, numbered without a gap.
+    assert seen[0] == seen[1] == seen[2]
+    assert [e["seq"] for e in seen[0]] == list(range(since + 1, since + 1 + len(seen[0])))
+    by_task: dict[int, list[str]] = {}
+    for event in seen[0]:
+        by_task.setdefault(event["task"], []).append(event["status"])
+    for index, task in enumerate(tasks):
+        last = "killed" if index % 2 == 0 else "finished"
+        assert by_task[task["id"]] == ["created", "running", last], (task["id"], by_task[task["id"]])
+        # And every byte, the same through each instance.
+        logs = {get(f"{base}/task/{task['id']}/log")[1] for base in bases}
+        assert len(logs) == 1, task["id"]
+        if last == "finished":
+            assert logs.pop().count(b"\n") == 302  # 300 lines, then ok's two
