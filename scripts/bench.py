@@ -7,7 +7,8 @@
     BENCH_HISTORY=100000 scripts/bench 8  # scenario 8 on 100,000 ended tasks, not 1,000,000
 
 Each scenario starts a fresh server (`python -m pulsar_rest`) in its own data directory
-(scenario 8: on a history of ended tasks written into SQLite beforehand, and on an empty one);
+(scenario 8: on a history of ended tasks written into SQLite beforehand, and on an empty one;
+scenario 9: two servers on a PostgreSQL cluster of Debian's server, started for it);
 clients run in this process. Long-poll clients speak raw HTTP/1.1 over asyncio streams so
 that the client's own cost stays small beside the server's. Traffic goes to 127.0.0.1 only.
 """
@@ -52,6 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 # virtualenv's editable install points at (maybe another worktree's, of another schema).
 sys.path.insert(0, str(ROOT))
 from fake_pulsar import bench_block  # noqa: E402
+from postgres import Cluster, Missing, server_bin  # noqa: E402
 
 from pulsar_rest import store  # noqa: E402
 
@@ -957,6 +959,52 @@ def median_of(times: list[float]) -> str:
     return f"{statistics.median(times):.2f} s, median of {len(times)} ({shown})"
 
 
+async def instances(quick: bool) -> None:
+    """9. Two instances on one PostgreSQL (a cluster of Debian's server started here): a
+    task's output followed through the instance that runs it and through the other one,
+    which reads what the first ships to the database."""
+    print("\n9. two instances on one PostgreSQL: output followed through either", flush=True)
+    try:
+        cluster = Cluster(server_bin())
+    except Missing as missing:
+        row("9 two instances", "skipped", f"{missing}")
+        return
+    seconds = 3.0 if quick else 10.0
+    try:
+        dsn = cluster.new_database()
+        with server("--database", dsn) as a, server("--database", dsn) as b:
+            async with aiohttp.ClientSession() as session:
+                for rate in (100_000, 1_000_000):
+                    name = f"9 two instances, {rate / 1e6:g} MB/s"
+                    task = await api(
+                        session, a, "POST", "/shop/prod", json={"action": f"paced[{rate},{seconds}]"}
+                    )
+                    lags = await asyncio.gather(
+                        *(instance_follower(session, srv, task["task"]["id"]) for srv in (a, b))
+                    )  # fmt: skip
+                    row(name, "lag through the instance running it", percentiles(lags[0]))
+                    p99 = sorted(lags[1])[min(len(lags[1]) - 1, int(len(lags[1]) * 0.99))]
+                    row(name, "lag through the other", percentiles(lags[1]), "p99 < 250 ms", p99 < 0.25)
+    finally:
+        cluster.stop()
+
+
+async def instance_follower(session: aiohttp.ClientSession, srv: Server, task_id: int) -> list[float]:
+    """Long-polls of the task's output by offset to its end; the lag of each answer's last
+    line (its time stamp), and a check that the offsets follow each other."""
+    lags: list[float] = []
+    offset = 0
+    while True:
+        answer = await api(session, srv, "GET", f"/task/{task_id}/output?offset={offset}&timeout=30")
+        now = time.time()
+        assert answer["offset"] == offset, (answer["offset"], offset)
+        if stamps := _STAMP.findall(answer["output"][-300:].encode()):
+            lags.append(now - float(stamps[-1]))
+        offset = answer["nextOffset"]
+        if answer["complete"]:
+            return lags
+
+
 async def long_history(count: int, quick: bool) -> None:
     print(f"8. a history of {count:,} ended tasks: start, memory, lookups, lists, creates", flush=True)
     name = f"8 history of {count:,}"
@@ -1150,7 +1198,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("scenarios", nargs="*", type=int, help="which scenarios (1-8); default all")
+    parser.add_argument("scenarios", nargs="*", type=int, help="which scenarios (1-9); default all")
     parser.add_argument("--quick", action="store_true", help="small counts: a check of the script")
     parser.add_argument("--profile", type=Path, help="record each server with py-spy into this directory")
     args = parser.parse_args()
@@ -1172,6 +1220,7 @@ async def main() -> int:
         8: lambda: long_history(
             int(os.environ.get("BENCH_HISTORY") or (20_000 if quick else 1_000_000)), quick
         ),
+        9: lambda: instances(quick),
     }
     print(f"machine: {machine()}\n", flush=True)
     for number in args.scenarios or sorted(scenarios):
