@@ -37,6 +37,7 @@ from pulsar_rest.store import (
     StoreError,
     TaskFilter,
     TokenExists,
+    TurnBatch,
     fields_of,
     task_from,
 )
@@ -257,7 +258,7 @@ class PgStore:
         ] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         # Writes asked for in this turn of the event loop, with what awaits each (if any).
-        self._pending: list[Write] = []
+        self._writes: TurnBatch[Write] = TurnBatch(self._write_batch)
 
     # -- the connection, and the order of statements ------------------------------------------
 
@@ -292,7 +293,7 @@ class PgStore:
                     done.set_result(result)
 
     async def _call(self, run: Callable[[Connection], Awaitable[T]]) -> T:
-        self._flush()  # what was written before is there for it
+        self._writes.flush()  # what was written before is there for it
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait((run, done))
         return await done
@@ -303,14 +304,9 @@ class PgStore:
         values: tuple[Any, ...],
         done: asyncio.Future[None] | None = None,
     ) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append((statement, values, done))
+        self._writes.add((statement, values, done))
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+    def _write_batch(self, batch: list[Write]) -> None:
         written: asyncio.Future[list[Exception | None]] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait((lambda conn: _write(conn, batch, self.base), written))
         written.add_done_callback(lambda result: _tell(batch, result))
@@ -703,7 +699,7 @@ class PgStore:
 
     async def close(self) -> None:
         if self._worker is not None:
-            self._flush()
+            self._writes.flush()
             self._jobs.put_nowait(None)
             await self._worker
             self._worker = None

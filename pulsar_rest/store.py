@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.auth.grants import Role
@@ -39,7 +39,39 @@ DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
 SCHEMA_VERSION = 6
 
-_SCHEMA = """
+# task_blocks: a block holds the ids that share all but their last _BLOCK_BITS bits, and
+# each field's value is counted as this expression of the row ({row}: OLD. or NEW. in a
+# trigger, nothing in a query).
+_BLOCK_BITS = 12
+_BLOCK_FIELDS = (("", "''"), ("app", "{row}app"), ("env", "{row}env"), ("status", "{row}status"),
+                 ("created_by", "coalesce({row}created_by, '')"))  # fmt: skip
+
+
+def _block_value(field: str, row: str) -> str:
+    return dict(_BLOCK_FIELDS)[field].format(row=row)
+
+
+# Each statement on the whole primary key of task_blocks: an IN over row values would scan it.
+_UNCOUNT_BLOCK = (
+    "    UPDATE task_blocks SET n = n - 1 WHERE field = '{field}' AND value = {old} AND block = {block};"
+)
+# One trigger a field (a status changes, the others never do in practice).
+_REBLOCK = """CREATE TRIGGER IF NOT EXISTS tasks_reblocked_{field} AFTER UPDATE OF {field} ON tasks
+WHEN {old} IS NOT {new} BEGIN
+{uncount}
+    INSERT INTO task_blocks VALUES ('{field}', {new}, NEW.id >> {bits}, 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+"""
+
+
+def _uncount(field: str) -> str:
+    return _UNCOUNT_BLOCK.format(
+        field=field, old=_block_value(field, "OLD."), block=f"OLD.id >> {_BLOCK_BITS}"
+    )
+
+
+_SCHEMA_TEXT = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- AUTOINCREMENT: an id is never handed out twice, even after the newest rows are pruned.
 CREATE TABLE IF NOT EXISTS tasks (
@@ -97,9 +129,8 @@ CREATE TABLE IF NOT EXISTS task_blocks (
 CREATE TRIGGER IF NOT EXISTS tasks_counted AFTER INSERT ON tasks BEGIN
     INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
         ON CONFLICT DO UPDATE SET n = n + 1;
-    INSERT INTO task_blocks VALUES ('', '', NEW.id >> 12, 1), ('app', NEW.app, NEW.id >> 12, 1),
-        ('env', NEW.env, NEW.id >> 12, 1), ('status', NEW.status, NEW.id >> 12, 1),
-        ('created_by', coalesce(NEW.created_by, ''), NEW.id >> 12, 1)
+    INSERT INTO task_blocks VALUES
+        {count_blocks}
         ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS tasks_recounted AFTER UPDATE OF app, env, status, created_by ON tasks
@@ -110,46 +141,12 @@ WHEN (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''))
     INSERT INTO task_counts VALUES (NEW.app, NEW.env, NEW.status, coalesce(NEW.created_by, ''), 1)
         ON CONFLICT DO UPDATE SET n = n + 1;
 END;
--- One trigger a field (a status changes, the others never do in practice), each statement on
--- the whole primary key: an IN over row values would scan the table.
-CREATE TRIGGER IF NOT EXISTS tasks_reblocked_app AFTER UPDATE OF app ON tasks
-WHEN OLD.app IS NOT NEW.app BEGIN
-    UPDATE task_blocks SET n = n - 1
-        WHERE field = 'app' AND value = OLD.app AND block = OLD.id >> 12;
-    INSERT INTO task_blocks VALUES ('app', NEW.app, NEW.id >> 12, 1)
-        ON CONFLICT DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS tasks_reblocked_env AFTER UPDATE OF env ON tasks
-WHEN OLD.env IS NOT NEW.env BEGIN
-    UPDATE task_blocks SET n = n - 1
-        WHERE field = 'env' AND value = OLD.env AND block = OLD.id >> 12;
-    INSERT INTO task_blocks VALUES ('env', NEW.env, NEW.id >> 12, 1)
-        ON CONFLICT DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS tasks_reblocked_status AFTER UPDATE OF status ON tasks
-WHEN OLD.status IS NOT NEW.status BEGIN
-    UPDATE task_blocks SET n = n - 1
-        WHERE field = 'status' AND value = OLD.status AND block = OLD.id >> 12;
-    INSERT INTO task_blocks VALUES ('status', NEW.status, NEW.id >> 12, 1)
-        ON CONFLICT DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS tasks_reblocked_created_by AFTER UPDATE OF created_by ON tasks
-WHEN coalesce(OLD.created_by, '') IS NOT coalesce(NEW.created_by, '') BEGIN
-    UPDATE task_blocks SET n = n - 1
-        WHERE field = 'created_by' AND value = coalesce(OLD.created_by, '') AND block = OLD.id >> 12;
-    INSERT INTO task_blocks VALUES ('created_by', coalesce(NEW.created_by, ''), NEW.id >> 12, 1)
-        ON CONFLICT DO UPDATE SET n = n + 1;
-END;
 CREATE TRIGGER IF NOT EXISTS tasks_uncounted AFTER DELETE ON tasks BEGIN
     UPDATE task_counts SET n = n - 1
         WHERE (app, env, status, created_by) = (OLD.app, OLD.env, OLD.status, coalesce(OLD.created_by, ''));
-    UPDATE task_blocks SET n = n - 1 WHERE field = '' AND value = '' AND block = OLD.id >> 12;
-    UPDATE task_blocks SET n = n - 1 WHERE field = 'app' AND value = OLD.app AND block = OLD.id >> 12;
-    UPDATE task_blocks SET n = n - 1 WHERE field = 'env' AND value = OLD.env AND block = OLD.id >> 12;
-    UPDATE task_blocks SET n = n - 1 WHERE field = 'status' AND value = OLD.status AND block = OLD.id >> 12;
-    UPDATE task_blocks SET n = n - 1
-        WHERE field = 'created_by' AND value = coalesce(OLD.created_by, '') AND block = OLD.id >> 12;
+{uncount_blocks}
 END;
+{reblock}
 -- pulsar-rest's own API tokens: only a hash of each (schema 5).
 CREATE TABLE IF NOT EXISTS api_tokens (
     name TEXT PRIMARY KEY,
@@ -169,6 +166,23 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL DEFAULT ''
 );
 """
+_SCHEMA = _SCHEMA_TEXT.format(
+    count_blocks=",\n        ".join(
+        f"('{field}', {_block_value(field, 'NEW.')}, NEW.id >> {_BLOCK_BITS}, 1)"
+        for field, _ in _BLOCK_FIELDS
+    ),
+    uncount_blocks="\n".join(_uncount(field) for field, _ in _BLOCK_FIELDS),
+    reblock="".join(
+        _REBLOCK.format(
+            field=field,
+            old=_block_value(field, "OLD."),
+            new=_block_value(field, "NEW."),
+            uncount=_uncount(field),
+            bits=_BLOCK_BITS,
+        )
+        for field, _ in _BLOCK_FIELDS[1:]
+    ),
+)
 
 _COLUMNS = (
     "id, app, env, action, command, status, created_at, started_at, finished_at, pid, exit_code, "
@@ -200,11 +214,6 @@ _INDEXES = {
     "status": "tasks_by_status",
     "created_by": "tasks_by_creator",
 }
-# task_blocks: a block holds the ids that share all but their last _BLOCK_BITS bits (the
-# triggers say 12), and each field's value as counted (from column names only).
-_BLOCK_BITS = 12
-_BLOCK_FIELDS = (("", "''"), ("app", "app"), ("env", "env"), ("status", "status"),
-                 ("created_by", "coalesce(created_by, '')"))  # fmt: skip
 # Ids in one query of find (SQLite allows 32,766 values in a statement).
 _FIND_CHUNK = 500
 
@@ -306,6 +315,29 @@ def _time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+W = TypeVar("W")
+
+
+class TurnBatch(Generic[W]):
+    """The writes asked for in one turn of the event loop, handed over together at its end
+    (or before a read, which must see them): a burst of tasks costs one transaction of the
+    database, not one each."""
+
+    def __init__(self, write: Callable[[list[W]], None]) -> None:
+        self._write = write
+        self._pending: list[W] = []
+
+    def add(self, item: W) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(item)
+
+    def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            self._write(batch)
+
+
 class LogFiles:
     """The tasks' output: one file per task in the data directory (and one for its stdout
     when kept apart), whichever database holds the history."""
@@ -333,32 +365,23 @@ class LogFiles:
         self._writer.close()
 
 
+# The fields of a task that its row holds as they are.
+_AS_THEY_ARE = (
+    "app", "env", "action", "created_at", "started_at", "finished_at", "pid", "exit_code", "signal",
+    "kill_signal", "created_by", "killed_by", "marker", "created_seq", "state_seq", "conf_commit",
+)  # fmt: skip
+
+
 def task_from(fields: dict[str, Any], output: OutputLog, stdout: OutputLog | None) -> Task:
     """A task of the history from its row's fields, as Python values, and its logs."""
-    task_id, status = fields["id"], TaskStatus(fields["status"])
     return Task(
-        id=task_id,
-        app=fields["app"],
-        env=fields["env"],
-        action=fields["action"],
+        id=fields["id"],
         command=list(fields["command"]),
         output=output,
         stdout=stdout,
-        created_at=fields["created_at"],
-        status=status,
-        started_at=fields["started_at"],
-        finished_at=fields["finished_at"],
-        pid=fields["pid"],
-        exit_code=fields["exit_code"],
-        signal=fields["signal"],
-        kill_signal=fields["kill_signal"],
-        created_by=fields["created_by"],
-        killed_by=fields["killed_by"],
-        marker=fields["marker"],
-        created_seq=fields["created_seq"],
-        state_seq=fields["state_seq"],
-        conf_commit=fields["conf_commit"],
+        status=TaskStatus(fields["status"]),
         variable_names=tuple(fields["variable_names"]),
+        **{name: fields[name] for name in _AS_THEY_ARE},
     )
 
 
@@ -411,26 +434,20 @@ class SqliteStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-db")
         self._last_id = 0
         # Writes asked for in this turn of the event loop, with what awaits each (if any).
-        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]] = []
+        self._writes: TurnBatch[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
+        self._writes = TurnBatch(self._write_batch)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        self._flush()  # what was written before is there for it
+        self._writes.flush()  # what was written before is there for it
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _queue(
         self, statement: str, values: tuple[Any, ...], done: asyncio.Future[None] | None = None
     ) -> None:
-        """Write in order after the earlier writes. The writes asked for in one turn of the
-        event loop go to the database together, in one transaction: a burst of tasks costs
-        one wake-up of its thread and one commit, not one each."""
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append((statement, values, done))
+        """Write in order after the earlier writes (with those of the same turn)."""
+        self._writes.add((statement, values, done))
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+    def _write_batch(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]) -> None:
         written = self._thread.submit(self._write, [(statement, values) for statement, values, _ in batch])
         waiting = [(index, done) for index, (_, _, done) in enumerate(batch) if done is not None]
         if not waiting:
@@ -542,7 +559,8 @@ class SqliteStore:
                 "FROM tasks GROUP BY 1, 2, 3, 4"
             )
             db.execute("DELETE FROM task_blocks")
-            for field, value in _BLOCK_FIELDS:
+            for field, _ in _BLOCK_FIELDS:
+                value = _block_value(field, "")
                 db.execute(
                     f"INSERT INTO task_blocks SELECT '{field}', {value}, id >> {_BLOCK_BITS}, count(*) "  # noqa: S608
                     "FROM tasks GROUP BY 2, 3"
