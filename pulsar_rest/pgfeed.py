@@ -59,6 +59,7 @@ class PgFeed:
         # and how much of each of its streams is shipped.
         self._shipping: dict[int, asyncio.TimerHandle | asyncio.Task[None]] = {}
         self._shipped: dict[tuple[int, int], int] = {}
+        self._checked = 0.0  # when the lease, the dead instances and the sizes were last seen to
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False  # for /health: notifications arrive (else the tick carries on)
@@ -141,12 +142,15 @@ class PgFeed:
                     await self._apply(events)
                 if requests := await self._store.kill_requests():
                     self._kill(requests)
-                if swept := await self._store.sweep():
-                    await self._stop_leftovers(swept)
-                # Sizes too, should a notification of output have been lost.
-                if remote := self._remote():
-                    for task_id, stream, size in await self._store.sizes(remote):
-                        self._grew(task_id, stream, size)
+                if (now := asyncio.get_running_loop().time()) >= self._checked + TICK:
+                    self._checked = now  # once a tick, however often the feed wakes
+                    await self._store.keep_lease()
+                    if swept := await self._store.sweep():
+                        await self._stop_leftovers(swept)
+                    # Sizes too, should a notification of output have been lost.
+                    if remote := self._remote():
+                        for task_id, stream, size in await self._store.sizes(remote):
+                            self._grew(task_id, stream, size)
             except (psycopg.Error, OSError) as exc:
                 log.warning("cannot read the events: %s (again in %s s)", exc, TICK)
             except Exception:

@@ -10,6 +10,7 @@ event loop share one transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -194,7 +195,11 @@ _LEASE_KEEPALIVE: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 10000,
 }
+_TAKE_LEASE = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
 _TRY_LEASE = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+# How long a lease stays free before its instance is taken for dead: long enough for a live
+# one to take it again after losing its connection, short enough to interrupt within seconds.
+SWEEP_GRACE = 1.5
 _END_LEASE = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
 # The most bytes of output in one row of output_chunks.
 CHUNK = 256 * 1024
@@ -252,6 +257,7 @@ class PgStore:
         self.on_events: Callable[[], None] | None = None
         self._conn: Connection | None = None
         self._lease: Connection | None = None
+        self._free_since: dict[str, float] = {}  # owners whose lease was found free, and since when
         # Every statement, in order: (what to run on the connection, who awaits its result).
         self._jobs: asyncio.Queue[
             tuple[Callable[[Connection], Awaitable[Any]], asyncio.Future[Any]] | None
@@ -321,17 +327,7 @@ class PgStore:
         try:
             self.logs.dir.mkdir(parents=True, exist_ok=True)
             self.instance = instance_id(self.logs.dir.parent)
-            # This instance's lease: a lock its own idle connection holds for as long as the
-            # instance lives. The database lets go of it when the instance dies (its socket
-            # closes), and then the others take its tasks for interrupted (sweep).
-            self._lease = await psycopg.AsyncConnection.connect(
-                self.dsn,
-                autocommit=True,
-                connect_timeout=10,
-                application_name=self.connection_name("lease"),
-                **_LEASE_KEEPALIVE,
-            )
-            await self._lease.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (self.instance,))
+            await self._take_lease()
             return await self._call(self._open)
         except psycopg.Error as exc:
             raise StoreError(f"--database {shown_dsn(self.dsn)}: {_first_line(exc)}") from None
@@ -452,9 +448,37 @@ class PgStore:
             sql.SQL("SELECT pg_notify(%s, %s)"), (CHANNEL, f"o {task_id} {stream} {start + len(data)}")
         )
 
+    async def _take_lease(self) -> None:
+        """This instance's lease: a lock its own idle connection holds for as long as the
+        instance lives. The database lets go of it when the instance dies (its socket closes),
+        and then the others take its tasks for interrupted (sweep)."""
+        self._lease = await psycopg.AsyncConnection.connect(
+            self.dsn,
+            autocommit=True,
+            connect_timeout=10,
+            application_name=self.connection_name("lease"),
+            **_LEASE_KEEPALIVE,
+        )
+        await self._lease.execute(_TAKE_LEASE, (self.instance,))
+
+    async def keep_lease(self) -> None:
+        """Take the lease again if its connection was lost (PostgreSQL restarted, say): the
+        others wait a while before they take a free lease for a dead instance."""
+        try:
+            if self._lease is not None and not self._lease.closed:
+                await self._lease.execute("SELECT 1")
+                return
+        except psycopg.Error as exc:
+            log.warning("the lease's connection was lost (%s): taking the lease again", _first_line(exc))
+        with contextlib.suppress(psycopg.Error):
+            if self._lease is not None:
+                await self._lease.close()
+        await self._take_lease()
+
     async def sweep(self) -> list[tuple[int, str | None, str]]:
-        """Tasks of instances that are gone (their lease is free), recorded as interrupted,
-        each with its numbered event: (id, marker, owner) of each."""
+        """Tasks of instances that are gone (their lease free for SWEEP_GRACE seconds: not one
+        taking it again), recorded as interrupted, each with its numbered event: (id, marker,
+        owner) of each."""
 
         async def sweep(conn: Connection) -> list[tuple[int, str | None, str]]:
             owners = await (
@@ -464,11 +488,18 @@ class PgStore:
                 )
             ).fetchall()
             swept: list[tuple[int, str | None, str]] = []
+            now = asyncio.get_running_loop().time()
+            for owner in set(self._free_since) - {owner for (owner,) in owners}:
+                del self._free_since[owner]
             for (owner,) in owners:
                 row = await (await conn.execute(_TRY_LEASE, (owner,))).fetchone()
                 if not (row and row[0]):
+                    self._free_since.pop(owner, None)
                     continue  # it lives
                 await conn.execute(_END_LEASE, (owner,))
+                if now - self._free_since.setdefault(owner, now) < SWEEP_GRACE:
+                    continue  # free for a moment: it may be taking it again
+                del self._free_since[owner]
                 async with conn.transaction():
                     rows = await (
                         await conn.execute(

@@ -3,6 +3,7 @@ followed with the same cursors, and killed through another; a restart keeps the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -244,3 +245,31 @@ def test_a_soak_through_three_instances_loses_and_repeats_nothing(
         assert len(logs) == 1, task["id"]
         if last == "finished":
             assert logs.pop().count(b"\n") == 302  # 300 lines, then ok's two
+
+
+async def test_an_instance_that_loses_its_lease_connection_takes_it_again_and_keeps_its_tasks(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    a_proc, a = instance(start, tmp_path, "a", postgres_dsn)
+    _, b = instance(start, tmp_path, "b", postgres_dsn)
+    task = call(f"{a}/shop/prod", {"action": "hang"})["task"]
+    lease = f"pulsar-rest {(tmp_path / 'a' / 'data' / 'instance').read_text().strip()} lease"
+    held = (
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND s.application_name = %s"
+    )
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        before = await (await admin.execute(held, (lease,))).fetchone()
+        assert before == (1,)
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (lease,)
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while await (await admin.execute(held, (lease,))).fetchone() != (1,):
+            assert time.monotonic() < deadline and a_proc.poll() is None, "the lease was not taken again"
+            await asyncio.sleep(0.01)
+    # B, which looks for dead instances every second, took A for alive all along.
+    assert call(f"{b}/task/{task['id']}")["status"] == "running"
+    log = (tmp_path / "a" / "logs-1" / "pulsar-rest.log").read_text()
+    assert "taking the lease again" in log
+    assert call(f"{b}/task/{task['id']}/kill", {})["status"] == "killed"  # and A still hears B
