@@ -28,7 +28,9 @@ def instance(
     """A server of its own data directory (a log for each run) on the shared database; its
     base URL."""
     logs = tmp_path / name / f"logs-{run}"
-    proc = start("--database", dsn, "--data-dir", str(tmp_path / name / "data"), "--log-dir", str(logs))
+    # --shutdown-grace 0: its stop at the end of a test (a failed one too) stops its tasks at once.
+    data = str(tmp_path / name / "data")
+    proc = start("--database", dsn, "--data-dir", data, "--log-dir", str(logs), "--shutdown-grace", "0")
     return proc, f"http://127.0.0.1:{listening_port(logs / 'pulsar-rest.log', proc)}"
 
 
