@@ -59,6 +59,7 @@ class PgFeed:
         # and how much of each of its streams is shipped.
         self._shipping: dict[int, asyncio.TimerHandle | asyncio.Task[None]] = {}
         self._shipped: dict[tuple[int, int], int] = {}
+        self._kills_told = False  # a "k" notification came since kills were last looked for
         self._checked = 0.0  # when the lease, the dead instances and the sizes were last seen to
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,9 +141,13 @@ class PgFeed:
             try:
                 while events := await self._store.events_after(self._bus.seq):
                     await self._apply(events)
-                if requests := await self._store.kill_requests():
+                tick = (now := asyncio.get_running_loop().time()) >= self._checked + TICK
+                # Kills asked of this instance: when told of one ("k"), else once a tick (a
+                # notification may be lost), not at each wake-up by events.
+                told, self._kills_told = self._kills_told, False  # (one told meanwhile: looked for next)
+                if (told or tick) and (requests := await self._store.kill_requests()):
                     self._kill(requests)
-                if (now := asyncio.get_running_loop().time()) >= self._checked + TICK:
+                if tick:
                     self._checked = now  # once a tick, however often the feed wakes
                     await self._store.keep_lease()
                     if swept := await self._store.sweep():
@@ -189,6 +194,7 @@ class PgFeed:
                             task_id, stream, size = map(int, note.payload.split()[1:])
                             self._grew(task_id, stream, size)
                         else:
+                            self._kills_told = self._kills_told or note.payload == "k"
                             self._wake.set()
             except (psycopg.Error, OSError) as exc:
                 self.listening = False
