@@ -121,13 +121,19 @@ def _remove(path: Path) -> None:
 
 class OutputLog:
     def __init__(
-        self, path: Path, writer: LogWriter | None, tail_limit: int = TAIL_LIMIT, size: int | None = None
+        self,
+        path: Path | str,
+        writer: LogWriter | None,
+        tail_limit: int = TAIL_LIMIT,
+        size: int | None = None,
     ) -> None:
         """A new, empty log, written by `writer`; without a writer, the existing log of an
         ended task, for reading (of `size` bytes if known, else as big as its file). The file
         is made by the first write: a task that waits in a queue holds no file descriptor,
         and one that never wrote has no file."""
-        self.path = path
+        # A Path is made when first asked for: a page of a thousand tasks of the history makes
+        # a thousand logs, and most are never read.
+        self._path = path
         self._fd: int | None = None  # opened and closed by the writer's thread only
         self._writer = writer
         if writer is not None:
@@ -148,11 +154,17 @@ class OutputLog:
         elif size is not None:
             self.size = size
         else:
-            self.size = path.stat().st_size if path.exists() else 0
+            self.size = self.path.stat().st_size if self.path.exists() else 0
         self.backlog = 0  # bytes taken in, not yet in the file
         self.error: OSError | None = None  # the first write error, if the disk failed us
         # Called (on the event loop) with the count of bytes that reached the file.
         self.on_written: Callable[[int], None] | None = None
+
+    @property
+    def path(self) -> Path:
+        if not isinstance(self._path, Path):
+            self._path = Path(self._path)
+        return self._path
 
     @property
     def closed(self) -> bool:

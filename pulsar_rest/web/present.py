@@ -5,7 +5,7 @@ long-polls woken by one line serialise the task once."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pulsar_rest.output import TAIL_LIMIT
@@ -16,9 +16,16 @@ _CACHE_SIZE = 32
 
 
 def iso(moment: datetime | None) -> str | None:
+    """The moment in UTC to the millisecond, as JavaScript's toISOString() writes it."""
     if moment is None:
         return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # Formatted by hand: half the cost of isoformat(), three times in each task of a list.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031
+        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+        moment.microsecond // 1000,
+    )  # fmt: skip
 
 
 def summary(task: Task) -> dict[str, Any]:
