@@ -164,6 +164,15 @@ class EventBus:
             if not waiters and self._waiters.get(topic) is waiters:
                 del self._waiters[topic]
 
+    async def reach(self, seq: int, timeout: float) -> None:
+        """Wait until the events up to `seq` are published here (numbered by a shared store,
+        they arrive a moment after another instance's commit), or `timeout` has passed."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._seq < seq:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if await self.wait(changes_topic(), remaining) is None:
+                return
+
     def close(self) -> None:
         """Answer every waiter now (with None) and refuse new waits: the server is stopping."""
         self._closed = True

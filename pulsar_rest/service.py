@@ -340,6 +340,11 @@ class TaskService:
             if task_id in self._live and task_id not in self._kill_requested:
                 self._own(self.kill(task_id, by))
 
+    @property
+    def shared(self) -> bool:
+        """Whether other instances share the store (and number the events)."""
+        return self._events is not None
+
     def live(self) -> list[Task]:
         """The tasks not ended: queued, created or running, oldest first."""
         return list(self._live.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -18,6 +19,16 @@ import psycopg
 
 from tests.conftest import alive
 from tests.serving import OPENER, TIMEOUT, call, ended, listening_port, wait_for
+from tests.test_production import (
+    CERT,
+    free_port,
+    main_config,
+    nginx_argv,
+    site_on_loopback,
+    substitute,
+    tool,
+    wait_until_accepting,
+)
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -281,3 +292,78 @@ async def test_an_instance_that_loses_its_lease_connection_takes_it_again_and_ke
     log = (tmp_path / "a" / "logs-1" / "pulsar-rest.log").read_text()
     assert "taking the lease again" in log
     assert call(f"{b}/task/{task['id']}/kill", {})["status"] == "killed"  # and A still hears B
+
+
+def test_three_instances_behind_nginx_answer_one_client_as_one_server(
+    start: Start, tmp_path: Path, postgres_dsn: str
+) -> None:
+    """config/nginx.conf with the three in its upstream (round robin): a client that creates
+    and follows a task through nginx meets a different instance at almost every request,
+    and reads it as one server: every cursor and offset one instance gave is good on the
+    next, however far behind it is (never a 410), and every byte comes once."""
+    nginx = tool("nginx", "nginx")
+    ports = [int(instance(start, tmp_path, name, postgres_dsn)[1].rsplit(":", 1)[1]) for name in "abc"]
+    https = free_port()
+    site = site_on_loopback(https, free_port(), ports[0])
+    servers = "".join(f"\\1server 127.0.0.1:{port};\n" for port in ports)
+    site = substitute(site, rf"^(\s*)server\s+127\.0\.0\.1:{ports[0]};.*\n", servers)
+    tmp = tmp_path / "nginx"
+    tmp.mkdir()
+    # Which instance answered each request, and how.
+    site = (
+        f"log_format upstream '$upstream_addr $status $request_uri';\n"
+        f"access_log {tmp}/upstream.log upstream;\n{site}"
+    )
+    config = main_config(tmp, site)
+    proc = subprocess.Popen(
+        nginx_argv(nginx, tmp, config),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until_accepting(https, proc, tmp / "error.log")
+        tls = ssl.create_default_context(cafile=str(CERT))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls)
+        )
+
+        def through(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            data = None if body is None else json.dumps(body).encode()
+            request = urllib.request.Request(f"https://127.0.0.1:{https}{path}", data=data,
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            with opener.open(request, timeout=TIMEOUT) as resp:
+                answer: dict[str, Any] = json.load(resp)
+            return answer
+
+        since = through("/status")["seq"]
+        # 100-byte lines at 50 KB/s for 2 s: the instance running it is up to 0.1 s ahead
+        # of the others, whose output comes from the database.
+        task = through("/shop/prod", {"action": "paced[50000,2]"})["task"]
+        created = through(f"/tasks/created?since={since}&timeout=10")
+        assert [t["id"] for t in created["tasks"]] == [task["id"]]
+        text, offset, polls = "", 0, 0
+        while True:
+            answer = through(f"/task/{task['id']}/output?offset={offset}&timeout=10")
+            assert answer["offset"] == offset
+            text, offset, polls = text + answer["output"], answer["nextOffset"], polls + 1
+            if answer["complete"]:
+                break
+        cursor, statuses = created["next"], list[str]()
+        while not statuses or statuses[-1] not in ("finished", "failed"):
+            state = through(f"/task/{task['id']}/state?since={cursor}&timeout=10")
+            if state["changed"]:
+                cursor = state["next"]
+                statuses.append(state["task"]["status"])
+        assert statuses[-1] == "finished"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+    # The same bytes as the log the instance that ran it kept, each once.
+    whole = {get(f"http://127.0.0.1:{port}/task/{task['id']}/log")[1] for port in ports}
+    assert len(whole) == 1 and text.encode() == whole.pop()
+    assert text.count("\n") >= 100 and polls >= 10
+    answered = [line.split() for line in (tmp / "upstream.log").read_text().splitlines()]
+    outputs = [(addr, status) for addr, status, uri in answered if "/output?" in uri]
+    assert {addr for addr, _ in outputs} == {f"127.0.0.1:{port}" for port in ports}  # all three
+    assert {status for _, status in outputs} == {"200"}

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
+from pulsar_rest.events import task_topic
 from pulsar_rest.tasks import Task
 from pulsar_rest.web.errors import ApiError
-from pulsar_rest.web.keys import SERVICE, SETTINGS
+from pulsar_rest.web.keys import BUS, SERVICE, SETTINGS
+
+# With several instances on one store, a client behind a proxy may bring a cursor or an
+# offset from another instance that is a moment ahead of this one: it is waited for this
+# long (events arrive within milliseconds of their commit, or at the next 1 s tick if a
+# notification was missed; output is shipped every 0.1 s) before it is taken as gone (410).
+CATCH_UP = 2.0
 
 
 def task_id(request: web.Request) -> int:
@@ -54,3 +63,23 @@ def timeout(request: web.Request) -> float:
     if not 0 <= seconds < float("inf"):
         raise ApiError(400, f"timeout must be a number of seconds, 0 or more, not {raw[:40]!r}")
     return min(seconds, longest)
+
+
+async def reach_cursor(request: web.Request, since: int | None) -> None:
+    """Wait, with a shared store, until this instance has the events up to `since`."""
+    bus = request.app[BUS]
+    if since is not None and since > bus.seq and request.app[SERVICE].shared:
+        await bus.reach(since, CATCH_UP)
+
+
+async def reach_offset(request: web.Request, task: Task, offset: int) -> None:
+    """Wait, with a shared store, until this instance counts the output of a task that goes
+    on up to `offset`."""
+    if not request.app[SERVICE].shared:
+        return
+    bus = request.app[BUS]
+    deadline = asyncio.get_running_loop().time() + CATCH_UP
+    while offset > task.output.size and not task.status.ended:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if await bus.wait(task_topic(task.id), remaining) is None:
+            return

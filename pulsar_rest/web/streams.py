@@ -91,6 +91,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     """SSE of every task created and changed (`task.create`, `task.change`), ids = cursors."""
     bus = request.app[BUS]
     cursor = _cursor(request, "since")
+    await params.reach_cursor(request, cursor)
     response = await _open_sse(request)
     if cursor is None:
         cursor = bus.seq
@@ -128,6 +129,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     keepalive = request.app[SETTINGS].keepalive
     task = await params.task(request)
     offset = _cursor(request, "offset") or 0
+    await params.reach_offset(request, task, offset)
     # Up to the bytes taken in: a byte is in the file (GET /task/:id/log reads it) a moment
     # before it is counted in `size`, so an offset read there may be ahead of `size`. The
     # stream then waits for the count to catch up.
@@ -221,6 +223,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     `task.output` with the output that is new since the last message (a delta)."""
     bus, service = request.app[BUS], request.app[SERVICE]
     cursor = params.int_param(request, "since")
+    await params.reach_cursor(request, cursor)
     ws = web.WebSocketResponse(heartbeat=request.app[SETTINGS].keepalive)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "GET /websocket is a WebSocket: send Upgrade: websocket (and its handshake)")

@@ -214,6 +214,7 @@ async def tasks_created(request: web.Request) -> web.Response:
     if since is None:
         event = await bus.wait(created_topic(), wait)
         return await _changed(request, None if event is None else await service.find(event.task_id))
+    await params.reach_cursor(request, since)
     try:
         created, seq = await _creations(request, since)
         if not created and await bus.wait(created_topic(), wait):
@@ -265,6 +266,7 @@ async def _output_from(
     request: web.Request, task: Task, offset: int, limit: int, timeout: float
 ) -> web.Response:
     bus = request.app[BUS]
+    await params.reach_offset(request, task, offset)
     if offset > task.output.size:
         raise ApiError(
             410, f"offset {offset} is past the end of the output ({task.output.size} bytes): read it again"
@@ -328,6 +330,7 @@ async def task_state(request: web.Request) -> web.Response:
             if remaining <= 0 or await bus.wait(state_topic(task.id), remaining) is None:
                 break
         return await _changed(request, task if task.status.ended else None)
+    await params.reach_cursor(request, since)
     if since > bus.seq:
         raise ApiError(410, f"cursor {since} is ahead of the server's {bus.seq}: read the task again")
     if task.state_seq <= since:
