@@ -760,3 +760,16 @@ async def test_followers_make_a_bounded_amount_of_messages_a_tick() -> None:
     await budget.spend(250)  # more than a tick's, at once: this tick's budget is spent
     await budget.spend(1)  # so this one waits for the next tick
     assert int(loop.time() // fanout.TICK) > before
+
+
+async def test_a_task_s_messages_go_when_its_last_follower_leaves() -> None:
+    """What followers were sent (up to a MiB a message) is not held once they have gone."""
+    messages: fanout.Messages[bytes] = fanout.Messages(fanout.Budget(100), fanout.Budget(100))
+    with messages.following(1):
+        with messages.following(1), messages.following(2):
+            messages.keep((1, 0, 10), b"one")
+            messages.keep((2, 0, 10), b"two")
+        # Task 2's last follower has gone; task 1 still has one.
+        assert messages.find((2, 0, 10)) is None
+        assert messages.find((1, 0, 10)) == b"one"
+    assert messages.find((1, 0, 10)) is None

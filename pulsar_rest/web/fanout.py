@@ -13,9 +13,12 @@ each. A follower that lags behind reads its own ranges, in large pieces.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Hashable
+import contextlib
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
+
+from pulsar_rest.memory import Trim
 
 # The fan-out clock: the most a follower's message is held back to be shared (the lag it
 # adds), and the fewest messages a second a follower gets while output flows.
@@ -27,7 +30,8 @@ TICK = 0.04
 MADE = 4 * 1024 * 1024
 SENT = 16 * 1024 * 1024
 # Messages kept for followers that come for the same range: a few ticks of every task
-# followed at once (each at most a stream's or an answer's chunk).
+# followed at once (each at most a stream's or an answer's chunk, up to 1 MiB). A task's go
+# when its last follower leaves: what was sent to followers that have gone is not held.
 KEPT = 64
 
 V = TypeVar("V")
@@ -60,6 +64,10 @@ class Budget:
             await tick()
 
 
+# A message's key: what it holds, the id of its task first.
+Key = tuple[Hashable, ...]
+
+
 class Messages(Generic[V]):
     """Encoded messages by what they hold (task, range, state): made by the first follower
     that needs one, reused by the others, the oldest forgotten first."""
@@ -67,13 +75,31 @@ class Messages(Generic[V]):
     def __init__(self, made: Budget, sent: Budget, kept: int = KEPT) -> None:
         self.made, self.sent = made, sent
         self._kept = kept
-        self._made: OrderedDict[Hashable, V] = OrderedDict()
+        self._made: OrderedDict[Key, V] = OrderedDict()
+        self._followers: Counter[Hashable] = Counter()
+        self._trim = Trim()
 
-    def find(self, key: Hashable) -> V | None:
+    def find(self, key: Key) -> V | None:
         return self._made.get(key)
 
-    def keep(self, key: Hashable, message: V) -> V:
+    def keep(self, key: Key, message: V) -> V:
         self._made[key] = message
         if len(self._made) > self._kept:
             self._made.popitem(last=False)
         return message
+
+    @contextlib.contextmanager
+    def following(self, task_id: int) -> Iterator[None]:
+        """While a follower of the task is here; once the last has gone, its messages go."""
+        self._followers[task_id] += 1
+        try:
+            yield
+        finally:
+            self._followers[task_id] -= 1
+            if not self._followers[task_id]:
+                del self._followers[task_id]
+                gone = [key for key in self._made if key[0] == task_id]
+                for key in gone:
+                    del self._made[key]
+                if gone:
+                    self._trim.soon()  # what they were sent was held in big buffers

@@ -136,10 +136,9 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     if offset > task.output.size + task.output.backlog:
         raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
     response = await _open_sse(request)
-    with _client_may_leave():
-        await _send_task(
-            response, bus, service, request.app[STREAM_MESSAGES], task, offset, keepalive, _guard(request)
-        )
+    messages = request.app[STREAM_MESSAGES]
+    with _client_may_leave(), messages.following(task.id):
+        await _send_task(response, bus, service, messages, task, offset, keepalive, _guard(request))
     return response
 
 

@@ -265,12 +265,21 @@ def _output_ready(task: Task, offset: int, limit: int) -> bool:
 async def _output_from(
     request: web.Request, task: Task, offset: int, limit: int, timeout: float
 ) -> web.Response:
-    bus = request.app[BUS]
     await params.reach_offset(request, task, offset)
     if offset > task.output.size:
         raise ApiError(
             410, f"offset {offset} is past the end of the output ({task.output.size} bytes): read it again"
         )
+    answers = request.app[OUTPUT_ANSWERS]
+    with answers.following(task.id):
+        body = await _output_wait(request, task, offset, limit, timeout)
+    await answers.sent.spend(len(body))
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _output_wait(request: web.Request, task: Task, offset: int, limit: int, timeout: float) -> bytes:
+    """The answer of a long-poll for the output from `offset`, once there is some."""
+    bus, answers = request.app[BUS], request.app[OUTPUT_ANSWERS]
     deadline = asyncio.get_running_loop().time() + timeout
     waited = False
     while not (ready := _output_ready(task, offset, limit)):
@@ -282,7 +291,6 @@ async def _output_from(
         await fanout.tick()  # with the other followers woken by the same output
     # The answer is made once for every follower that asks the same of the task as it is.
     key = (task.id, offset, limit, task.version, bus.seq, ready)
-    answers = request.app[OUTPUT_ANSWERS]
     body = answers.find(key)
     if body is None:
         if ready:  # an empty answer (the wait's end) costs nothing to make
@@ -290,8 +298,7 @@ async def _output_from(
         body = await _output_answer(task, offset, limit, ready, bus.seq)
         if key[3:5] == (task.version, bus.seq):  # not moved on meanwhile (a read from the file)
             answers.keep(key, body)
-    await answers.sent.spend(len(body))
-    return web.Response(body=body, content_type="application/json")
+    return body
 
 
 async def _output_answer(task: Task, offset: int, limit: int, ready: bool, seq: int) -> bytes:
