@@ -19,16 +19,7 @@ import psycopg
 
 from tests.conftest import alive
 from tests.serving import OPENER, TIMEOUT, call, ended, listening_port, wait_for
-from tests.test_production import (
-    CERT,
-    free_port,
-    main_config,
-    nginx_argv,
-    site_on_loopback,
-    substitute,
-    tool,
-    wait_until_accepting,
-)
+from tests.test_production import CERT, free_port, nginx_running, site_on_loopback, substitute
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -301,7 +292,6 @@ def test_three_instances_behind_nginx_answer_one_client_as_one_server(
     and follows a task through nginx meets a different instance at almost every request,
     and reads it as one server: every cursor and offset one instance gave is good on the
     next, however far behind it is (never a 410), and every byte comes once."""
-    nginx = tool("nginx", "nginx")
     ports = [int(instance(start, tmp_path, name, postgres_dsn)[1].rsplit(":", 1)[1]) for name in "abc"]
     https = free_port()
     site = site_on_loopback(https, free_port(), ports[0])
@@ -314,15 +304,7 @@ def test_three_instances_behind_nginx_answer_one_client_as_one_server(
         f"log_format upstream '$upstream_addr $status $request_uri';\n"
         f"access_log {tmp}/upstream.log upstream;\n{site}"
     )
-    config = main_config(tmp, site)
-    proc = subprocess.Popen(
-        nginx_argv(nginx, tmp, config),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until_accepting(https, proc, tmp / "error.log")
+    with nginx_running(tmp, site, https):
         tls = ssl.create_default_context(cafile=str(CERT))
         opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls)
@@ -356,9 +338,6 @@ def test_three_instances_behind_nginx_answer_one_client_as_one_server(
                 cursor = state["next"]
                 statuses.append(state["task"]["status"])
         assert statuses[-1] == "finished"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=TIMEOUT)
     # The same bytes as the log the instance that ran it kept, each once.
     whole = {get(f"http://127.0.0.1:{port}/task/{task['id']}/log")[1] for port in ports}
     assert len(whole) == 1 and text.encode() == whole.pop()
