@@ -35,17 +35,23 @@ class Trim:
 
     def __init__(self, delay: float = DELAY) -> None:
         self._delay = delay
+        self._asked = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     def soon(self) -> None:
+        # Called as each long-poll ends: a time noted, and a timer only if none is set.
         if _MALLOC_TRIM is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._delay, self._run, loop)
+        self._asked = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(self._delay, self._run, loop)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        quiet = loop.time() - self._asked
+        if quiet < self._delay:  # asked again meanwhile: not over yet
+            self._timer = loop.call_later(self._delay - quiet, self._run, loop)
+            return
         self._timer = None
         if _MALLOC_TRIM is not None:
             # In a thread: a trim walks the heaps, and the call releases the GIL meanwhile.
