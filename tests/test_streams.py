@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -765,11 +765,60 @@ async def test_followers_make_a_bounded_amount_of_messages_a_tick() -> None:
 async def test_a_task_s_messages_go_when_its_last_follower_leaves() -> None:
     """What followers were sent (up to a MiB a message) is not held once they have gone."""
     messages: fanout.Messages[bytes] = fanout.Messages(fanout.Budget(100), fanout.Budget(100))
+    made: list[bytes] = []
+
+    def maker(message: bytes) -> Callable[[], Awaitable[tuple[bytes, bool]]]:
+        async def make() -> tuple[bytes, bool]:
+            made.append(message)
+            return message, True
+
+        return make
+
     with messages.following(1):
         with messages.following(1), messages.following(2):
-            messages.keep((1, 0, 10), b"one")
-            messages.keep((2, 0, 10), b"two")
+            await messages.made_once((1, 0, 10), maker(b"one"))
+            await messages.made_once((2, 0, 10), maker(b"two"))
+            assert await messages.made_once((1, 0, 10), maker(b"again")) == b"one"  # kept
         # Task 2's last follower has gone; task 1 still has one.
-        assert messages.find((2, 0, 10)) is None
-        assert messages.find((1, 0, 10)) == b"one"
-    assert messages.find((1, 0, 10)) is None
+        assert await messages.made_once((2, 0, 10), maker(b"two, again")) == b"two, again"
+        assert await messages.made_once((1, 0, 10), maker(b"again")) == b"one"
+    assert await messages.made_once((1, 0, 10), maker(b"one, again")) == b"one, again"
+    assert made == [b"one", b"two", b"two, again", b"one, again"]
+
+
+async def test_followers_that_ask_at_once_for_a_message_have_it_made_once() -> None:
+    messages: fanout.Messages[bytes] = fanout.Messages(fanout.Budget(100), fanout.Budget(100))
+    release = asyncio.Event()
+    makes = 0
+
+    async def make() -> tuple[bytes, bool]:
+        nonlocal makes
+        makes += 1
+        await release.wait()  # a read from the file, say: the others ask meanwhile
+        return b"message", True
+
+    asking = [asyncio.ensure_future(messages.made_once((1, 0, 10), make)) for _ in range(5)]
+    await eventually(lambda: makes == 1, what="the first make")
+    release.set()
+    assert await asyncio.gather(*asking) == [b"message"] * 5
+    assert makes == 1
+
+
+async def test_when_a_message_s_maker_goes_away_the_others_make_it() -> None:
+    messages: fanout.Messages[bytes] = fanout.Messages(fanout.Budget(100), fanout.Budget(100))
+    started = asyncio.Event()
+
+    async def stuck() -> tuple[bytes, bool]:
+        started.set()
+        await asyncio.Event().wait()  # its client leaves before it is made
+        raise AssertionError("not reached")
+
+    async def make() -> tuple[bytes, bool]:
+        return b"made here", True
+
+    first = asyncio.ensure_future(messages.made_once((1, 0, 10), stuck))
+    await started.wait()
+    second = asyncio.ensure_future(messages.made_once((1, 0, 10), make))
+    await asyncio.sleep(0)  # the second waits on the first's make (one turn of the loop)
+    first.cancel()
+    assert await second == b"made here"

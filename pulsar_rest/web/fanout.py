@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 from pulsar_rest.memory import Trim
@@ -76,16 +76,38 @@ class Messages(Generic[V]):
         self.made, self.sent = made, sent
         self._kept = kept
         self._made: OrderedDict[Key, V] = OrderedDict()
+        self._making: dict[Key, asyncio.Future[V | None]] = {}
         self._followers: Counter[Hashable] = Counter()
         self._trim = Trim()
 
-    def find(self, key: Key) -> V | None:
-        return self._made.get(key)
-
-    def keep(self, key: Key, message: V) -> V:
-        self._made[key] = message
-        if len(self._made) > self._kept:
-            self._made.popitem(last=False)
+    async def made_once(self, key: Key, make: Callable[[], Awaitable[tuple[V, bool]]]) -> V:
+        """The message for `key`: kept, or being made for another follower (awaited), or
+        made now by `make`, which says whether it may be kept for those who come after.
+        Followers woken together ask for the same message at once: it is made once."""
+        while True:
+            found = self._made.get(key)
+            if found is not None:
+                return found
+            making = self._making.get(key)
+            if making is None:
+                break
+            made = await asyncio.shield(making)
+            if made is not None:
+                return made
+            # Its maker went away (its client left): look again, and make it if no one does.
+        making = self._making[key] = asyncio.get_running_loop().create_future()
+        try:
+            message, keep = await make()
+        except BaseException:
+            making.set_result(None)  # not made: whoever waited makes their own
+            raise
+        finally:
+            del self._making[key]
+        making.set_result(message)
+        if keep:
+            self._made[key] = message
+            if len(self._made) > self._kept:
+                self._made.popitem(last=False)
         return message
 
     @contextlib.contextmanager

@@ -201,13 +201,13 @@ async def _output_event(messages: Messages[tuple[bytes, int]], task: Task, offse
     them: made once for all the followers that ask for the same range (its bytes never
     change). From inside a character (a client's offset), the text is longer than the bytes."""
     end = min(task.output.size, offset + CHUNK)
-    key = (task.id, offset, end)
-    found = messages.find(key)
-    if found is None:
+
+    async def make() -> tuple[tuple[bytes, int], bool]:
         await messages.made.spend(end - offset)
         text, after = await _read_text(task, offset, end - offset)
-        found = messages.keep(key, (_sse("output", {"offset": offset, "output": text}, after), after))
-    return found
+        return (_sse("output", {"offset": offset, "output": text}, after), after), True
+
+    return await messages.made_once((task.id, offset, end), make)
 
 
 async def _read_text(task: Task, offset: int, limit: int = CHUNK) -> tuple[str, int]:

@@ -291,14 +291,14 @@ async def _output_wait(request: web.Request, task: Task, offset: int, limit: int
         await fanout.tick()  # with the other followers woken by the same output
     # The answer is made once for every follower that asks the same of the task as it is.
     key = (task.id, offset, limit, task.version, bus.seq, ready)
-    body = answers.find(key)
-    if body is None:
+
+    async def make() -> tuple[bytes, bool]:
         if ready:  # an empty answer (the wait's end) costs nothing to make
             await answers.made.spend(min(limit, task.output.size - offset))
         body = await _output_answer(task, offset, limit, ready, bus.seq)
-        if key[3:5] == (task.version, bus.seq):  # not moved on meanwhile (a read from the file)
-            answers.keep(key, body)
-    return body
+        return body, key[3:5] == (task.version, bus.seq)  # not moved on meanwhile (a read from the file)
+
+    return await answers.made_once(key, make)
 
 
 async def _output_answer(task: Task, offset: int, limit: int, ready: bool, seq: int) -> bytes:
