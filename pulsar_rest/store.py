@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 DB_NAME = "pulsar-rest.db"
 LOG_DIR = "logs"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # task_blocks: a block holds the ids that share all but their last _BLOCK_BITS bits, and
 # each field's value is counted as this expression of the row ({row}: OLD. or NEW. in a
@@ -571,6 +571,7 @@ class SqliteStore:
                 "INSERT INTO task_counts SELECT app, env, status, coalesce(created_by, ''), count(*) "
                 "FROM tasks GROUP BY 1, 2, 3, 4"
             )
+        if version < 7:  # the block counts came a version after the counts
             db.execute("DELETE FROM task_blocks")
             for field, _ in _BLOCK_FIELDS:
                 value = _block_value(field, "")

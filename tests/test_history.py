@@ -244,11 +244,37 @@ async def test_a_database_of_schema_2_is_upgraded_and_kept(tmp_path: Path) -> No
         await store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     try:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("6",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("7",)
         row = db.execute("SELECT stdout, variable_names, kill_signal FROM tasks WHERE id = 7").fetchone()
         assert row == (0, "[]", None)
     finally:
         db.close()
+
+
+async def test_a_database_of_schema_6_gets_its_block_counts(tmp_path: Path) -> None:
+    """Schema 6 had the counts, not the block counts by which lists page: the upgrade
+    counts the blocks of what is there."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    for task_id in range(1, 11):
+        app = "shop" if task_id % 2 else "blog"
+        output = store.new_output(task_id)
+        await store.add(Task(task_id, app, "prod", "deploy", ["pulsar"], output, status=TaskStatus.QUEUED))
+    await store.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("DELETE FROM task_blocks")  # as schema 6 left it
+    db.execute("UPDATE meta SET value = '6' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        tasks, total = await store.page(TaskFilter(), 0, 4)
+        assert total == 10 and [task.id for task in tasks] == [10, 9, 8, 7]
+        tasks, total = await store.page(TaskFilter(app="shop"), 2, 10)
+        assert total == 5 and [task.id for task in tasks] == [5, 3, 1]
+    finally:
+        await store.close()
 
 
 async def test_writes_of_one_turn_share_a_commit_and_a_failed_one_spares_the_others(
