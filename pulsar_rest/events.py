@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # How many create/change events are kept for cursors (`since`, Last-Event-ID). Output
@@ -164,14 +164,15 @@ class EventBus:
             if not waiters and self._waiters.get(topic) is waiters:
                 del self._waiters[topic]
 
-    async def reach(self, seq: int, timeout: float) -> None:
-        """Wait until the events up to `seq` are published here (numbered by a shared store,
-        they arrive a moment after another instance's commit), or `timeout` has passed."""
+    async def wait_for(self, topic: str, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait on `topic` until `done()` holds, `timeout` passes or the bus closes; whether
+        it holds."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while self._seq < seq:
+        while not done():
             remaining = deadline - asyncio.get_running_loop().time()
-            if await self.wait(changes_topic(), remaining) is None:
-                return
+            if await self.wait(topic, remaining) is None:
+                return done()
+        return True
 
     def close(self) -> None:
         """Answer every waiter now (with None) and refuse new waits: the server is stopping."""

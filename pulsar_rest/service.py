@@ -594,13 +594,7 @@ class TaskService:
 
     async def _remote_end(self, task: Task, timeout: float) -> bool:
         """Wait for the end of another instance's task, told by its events."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not task.status.ended:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or await self._bus.wait(state_topic(task.id), remaining) is None:
-                break
-        return task.status.ended
+        return await self._bus.wait_for(state_topic(task.id), lambda: task.status.ended, timeout)
 
     @property
     def accepting(self) -> bool:

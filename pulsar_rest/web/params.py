@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
-from pulsar_rest.events import task_topic
+from pulsar_rest.events import changes_topic, task_topic
 from pulsar_rest.tasks import Task
 from pulsar_rest.web.errors import ApiError
 from pulsar_rest.web.keys import BUS, SERVICE, SETTINGS
@@ -68,8 +66,8 @@ def timeout(request: web.Request) -> float:
 async def reach_cursor(request: web.Request, since: int | None) -> None:
     """Wait, with a shared store, until this instance has the events up to `since`."""
     bus = request.app[BUS]
-    if since is not None and since > bus.seq and request.app[SERVICE].shared:
-        await bus.reach(since, CATCH_UP)
+    if since is not None and request.app[SERVICE].shared:
+        await bus.wait_for(changes_topic(), lambda: bus.seq >= since, CATCH_UP)
 
 
 async def reach_offset(request: web.Request, task: Task, offset: int) -> None:
@@ -77,9 +75,8 @@ async def reach_offset(request: web.Request, task: Task, offset: int) -> None:
     on up to `offset`."""
     if not request.app[SERVICE].shared:
         return
-    bus = request.app[BUS]
-    deadline = asyncio.get_running_loop().time() + CATCH_UP
-    while offset > task.output.size and not task.status.ended:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if await bus.wait(task_topic(task.id), remaining) is None:
-            return
+
+    def caught_up() -> bool:
+        return offset <= task.output.size or task.status.ended
+
+    await request.app[BUS].wait_for(task_topic(task.id), caught_up, CATCH_UP)

@@ -7,7 +7,6 @@ that follows with cursors never misses a task, a byte or a state change.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
@@ -280,13 +279,10 @@ async def _output_from(
 async def _output_wait(request: web.Request, task: Task, offset: int, limit: int, timeout: float) -> bytes:
     """The answer of a long-poll for the output from `offset`, once there is some."""
     bus, answers = request.app[BUS], request.app[OUTPUT_ANSWERS]
-    deadline = asyncio.get_running_loop().time() + timeout
-    waited = False
-    while not (ready := _output_ready(task, offset, limit)):
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0 or await bus.wait(task_topic(task.id), remaining) is None:
-            break
-        waited = True
+    ready = _output_ready(task, offset, limit)
+    waited = not ready
+    if waited:
+        ready = await bus.wait_for(task_topic(task.id), lambda: _output_ready(task, offset, limit), timeout)
     if waited and ready and not task.status.ended:
         await fanout.tick()  # with the other followers woken by the same output
     # The answer is made once for every follower that asks the same of the task as it is.
@@ -331,12 +327,8 @@ async def task_state(request: web.Request) -> web.Response:
     since = params.int_param(request, "since")
     if since is None:
         # On the bus, not service.wait_ended: a shutdown answers this wait at once.
-        deadline = asyncio.get_running_loop().time() + wait
-        while not task.status.ended:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0 or await bus.wait(state_topic(task.id), remaining) is None:
-                break
-        return await _changed(request, task if task.status.ended else None)
+        ended = await bus.wait_for(state_topic(task.id), lambda: task.status.ended, wait)
+        return await _changed(request, task if ended else None)
     await params.reach_cursor(request, since)
     if since > bus.seq:
         raise ApiError(410, f"cursor {since} is ahead of the server's {bus.seq}: read the task again")
