@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 import os
@@ -330,6 +329,12 @@ class TaskService:
         except AppEnvBusy:
             turn.status = TaskStatus.QUEUED  # another instance's task came first
             return
+        except Exception:
+            # Never a task `created` for ever, holding its app and environment.
+            log.exception("task %d: could not take its turn", turn.id)
+            self._output(turn, b"pulsar-rest: the task could not take its turn: see the server log\n")
+            await self._end(turn, TaskStatus.FAILED, runner.ExitStatus(None, None))
+            return
         self._publish(turn, EventKind.CHANGED)
         log.info("task %d: its turn after task %d", turn.id, ended.id)
         self._own(self._start(turn))
@@ -471,26 +476,59 @@ class TaskService:
             variables=variables,
             stdout=self._store.new_output(task_id, stdout=True) if stdout else None,
         )
-        if self._events is not None:
-            holder = await self._claim(task, holder, queue)
-        task.output.on_written = lambda count: self._written(task)
-        self._live[task.id] = task
-        self._store.save(task)  # listed from now on: lists are the store's
-        self._ends[task.id] = asyncio.get_running_loop().create_future()
-        self._publish(task, EventKind.CREATED)
-        numbered = self._numbered(task) if self._events is not None else None
-        # Who asked is in the audit's line; the command, in the line of its start (or queue).
-        if holder is None:
-            await asyncio.shield(self._own(self._start(task)))
+        numbered = None
+        if self._events is None:
+            self._register(task)  # with no await since _admit: no other task slips in between
         else:
-            log.info("task %d queued behind task %d: %s", task.id, holder.id, " ".join(task.command))
-            await asyncio.shield(self._own(self._store.add(task)))
+            numbered = self._numbered(task)
+        # Once it may be recorded, it is made whole even if the caller leaves meanwhile (a row
+        # without its task here would hold its app and env, on every instance).
+        entered = await asyncio.shield(self._own(self._enter(task, holder, queue)))
+        if isinstance(entered, DeployBusy):
+            self._numbering.pop(task.id, None)
+            raise entered
         if numbered is not None:
             # Its creation is among this instance's events before the answer: a client that
             # asks for what was created since its cursor sees the task it has just made.
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(asyncio.shield(numbered), DELIVERY_WAIT)
+            except TimeoutError:
+                pass
+            finally:
+                self._numbering.pop(task.id, None)
         return task
+
+    async def _enter(self, task: Task, holder: Task | None, queue: bool) -> DeployBusy | None:
+        """Record the task, then start it or queue it behind `holder`; with a shared store, a
+        DeployBusy (returned, not raised: it is the caller's answer, not a failure) if the
+        database found its app and env held, and it may not queue."""
+        if self._events is not None:
+            try:
+                holder = await self._claim(task, holder, queue)  # recorded there, whatever it is
+            except DeployBusy as busy:
+                return busy
+            self._register(task)
+        # Who asked is in the audit's line; the command, in the line of its start (or queue).
+        if holder is None:
+            await self._start(task)
+            return None
+        log.info("task %d queued behind task %d: %s", task.id, holder.id, " ".join(task.command))
+        if self._events is None:
+            await self._store.add(task)
+        elif self._holder(task.app, task.env) is None:
+            # Its holder (another instance's) may have ended while it was recorded, before it
+            # was here to be given its turn.
+            await self._take_shared_turn(task, holder)
+        return None
+
+    def _register(self, task: Task) -> None:
+        """The new task is this instance's, and told of."""
+        task.output.on_written = lambda count: self._written(task)
+        self._live[task.id] = task
+        if self._events is None:
+            self._store.save(task)  # listed from now on: lists are the store's (a shared one has it)
+        self._ends[task.id] = asyncio.get_running_loop().create_future()
+        self._publish(task, EventKind.CREATED)
 
     def _numbered(self, task: Task) -> asyncio.Future[None]:
         """Resolved when the shared store's number of the task's creation comes back."""

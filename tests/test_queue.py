@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -195,3 +196,33 @@ async def test_a_queued_task_killed_as_the_one_before_ends_never_starts(
     never = await get_json(client, f"/task/{doomed['id']}")
     assert (never["status"], never["pid"], never["outputSize"]) == ("killed", None, 0)
     await eventually(lambda: not any(alive(p.pid) for p in psutil.Process().children(recursive=True)))
+
+
+async def test_a_create_whose_client_leaves_while_it_is_recorded_is_made_whole(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller of a create goes away (its client left) while the task is being written:
+    the task is made all the same and runs, so it never holds its app and env without being
+    run (with a shared store, a row no instance runs would block every instance)."""
+    service = client.app[SERVICE]
+    store = service._store
+    recorded = asyncio.Event()
+    add = store.add
+
+    async def add_and_tell(task: Any) -> None:
+        recorded.set()
+        await add(task)
+
+    monkeypatch.setattr(store, "add", add_and_tell)
+    creating = asyncio.ensure_future(service.create("shop", "prod", "ok"))
+    await recorded.wait()
+    creating.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await creating
+    monkeypatch.undo()
+    listed = await get_json(client, "/tasks", output="false")
+    (left,) = listed["tasks"].values()
+    assert (await finished(client, left["id"]))["status"] == "finished"
+    # Nothing holds shop/prod: the next deploy of it runs.
+    after = await create(client, "ok", app="shop", env="prod")
+    assert (await finished(client, after["id"]))["status"] == "finished"
