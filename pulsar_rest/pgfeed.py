@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # The longest an event of another instance waits, should its notification be lost.
 TICK = 1.0
+# Events read from the store at once.
+EVENTS_READ = 1000
 # Waits between attempts to reconnect the listener, the longest last.
 RECONNECT = (0.1, 0.5, 1.0, 2.0)
 # How long output waits before it is shipped to the database, with what follows it: a few
@@ -111,13 +113,16 @@ class PgFeed:
         for stream, log in ((0, task.output), (1, task.stdout)):
             if log is None:
                 continue
-            done = self._shipped.get((task.id, stream), 0)
+            start = done = self._shipped.get((task.id, stream), 0)
+            chunks: list[bytes] = []
             while done < log.size:
                 data = await log.read(done, min(CHUNK, log.size - done))
                 if not data:
                     break  # its file is gone (it cannot be: its task still runs)
-                self._store.add_chunk(task.id, stream, done, data)
+                chunks.append(data)
                 done += len(data)
+            if chunks:
+                self._store.add_chunks(task.id, stream, start, chunks)
                 self._shipped[(task.id, stream)] = done
 
     def start(self) -> None:
@@ -139,8 +144,12 @@ class PgFeed:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                while events := await self._store.events_after(self._bus.seq):
-                    await self._apply(events)
+                while True:
+                    events = await self._store.events_after(self._bus.seq, EVENTS_READ)
+                    if events:
+                        await self._apply(events)
+                    if len(events) < EVENTS_READ:  # all there were
+                        break
                 tick = (now := asyncio.get_running_loop().time()) >= self._checked + TICK
                 # Kills asked of this instance: when told of one ("k"), else once a tick (a
                 # notification may be lost), not at each wake-up by events.

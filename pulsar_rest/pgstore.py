@@ -187,13 +187,17 @@ _NOT_ENDED = [status.value for status in TaskStatus if not status.ended]
 _GOING = [status.value for status in TaskStatus if status.going]
 _ONE_GOING = "tasks_one_going"
 # The lease connection notices a dead link within seconds, not the kernel's two hours: its
-# lock must go with a host that is gone, not only with a process.
+# lock must go with a host that is gone, not only with a process. Both ends: the client's
+# socket (libpq's settings), and the server's, which holds the lock until it sees the session
+# is dead (the server's settings for this session).
 _LEASE_KEEPALIVE: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 3,
     "tcp_user_timeout": 10000,
+    "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 "
+    "-c tcp_user_timeout=10000",
 }
 _TAKE_LEASE = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
 _TRY_LEASE = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
@@ -434,32 +438,39 @@ class PgStore:
 
     # -- output --------------------------------------------------------------------------------
 
-    def add_chunk(self, task_id: int, stream: int, start: int, data: bytes) -> None:
-        """Keep the bytes of a task's output from `start` (after the earlier ones), and tell
-        every instance the output's new size."""
+    def add_chunks(self, task_id: int, stream: int, start: int, chunks: list[bytes]) -> None:
+        """Keep the bytes of a task's output from `start` (after the earlier ones), a row a
+        chunk, and tell every instance the output's new size, once."""
         column = sql.Identifier("stdout_size" if stream else "output_size")
-        self._queue(
-            sql.SQL("INSERT INTO output_chunks VALUES (%s, %s, %s, %s)"), (task_id, stream, start, data)
-        )
-        self._queue(
-            sql.SQL("UPDATE tasks SET {} = %s WHERE id = %s").format(column), (start + len(data), task_id)
-        )
-        self._queue(
-            sql.SQL("SELECT pg_notify(%s, %s)"), (CHANNEL, f"o {task_id} {stream} {start + len(data)}")
-        )
+        for data in chunks:
+            self._queue(
+                sql.SQL("INSERT INTO output_chunks VALUES (%s, %s, %s, %s)"), (task_id, stream, start, data)
+            )
+            start += len(data)
+        self._queue(sql.SQL("UPDATE tasks SET {} = %s WHERE id = %s").format(column), (start, task_id))
+        self._queue(sql.SQL("SELECT pg_notify(%s, %s)"), (CHANNEL, f"o {task_id} {stream} {start}"))
 
-    async def _take_lease(self) -> None:
+    async def _take_lease(self, wait: bool = True) -> bool:
         """This instance's lease: a lock its own idle connection holds for as long as the
         instance lives. The database lets go of it when the instance dies (its socket closes),
-        and then the others take its tasks for interrupted (sweep)."""
-        self._lease = await psycopg.AsyncConnection.connect(
+        and then the others take its tasks for interrupted (sweep). Without `wait`, only if
+        it is free now; whether it was taken."""
+        lease = await psycopg.AsyncConnection.connect(
             self.dsn,
             autocommit=True,
             connect_timeout=10,
             application_name=self.connection_name("lease"),
             **_LEASE_KEEPALIVE,
         )
-        await self._lease.execute(_TAKE_LEASE, (self.instance,))
+        if wait:
+            await lease.execute(_TAKE_LEASE, (self.instance,))
+        else:
+            taken = await (await lease.execute(_TRY_LEASE, (self.instance,))).fetchone()
+            if not (taken and taken[0]):
+                await lease.close()
+                return False
+        self._lease = lease
+        return True
 
     async def keep_lease(self) -> None:
         """Take the lease again if its connection was lost (PostgreSQL restarted, say): the
@@ -473,7 +484,11 @@ class PgStore:
         with contextlib.suppress(psycopg.Error):
             if self._lease is not None:
                 await self._lease.close()
-        await self._take_lease()
+        self._lease = None
+        # Not waiting for it: the server may hold the lost session's lock until it sees that
+        # session is dead, and the feed that calls this must go on meanwhile.
+        if not await self._take_lease(wait=False):
+            log.warning("the lease is still held by the lost connection: taking it at the next tick")
 
     async def sweep(self) -> list[tuple[int, str | None, str]]:
         """Tasks of instances that are gone (their lease free for SWEEP_GRACE seconds: not one
