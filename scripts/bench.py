@@ -988,6 +988,9 @@ async def instances(quick: bool) -> None:
                     lags = await asyncio.gather(
                         *(instance_follower(session, srv, task["task"]["id"]) for srv in (a, b))
                     )  # fmt: skip
+                    if not all(lags):  # a follower that saw no line: a failure, not a traceback
+                        row(name, "lines received through each", "none through one", "some", False)
+                        continue
                     row(name, "lag through the instance running it", percentiles(lags[0]))
                     p99 = sorted(lags[1])[min(len(lags[1]) - 1, int(len(lags[1]) * 0.99))]
                     row(name, "lag through the other", percentiles(lags[1]), "p99 < 250 ms", p99 < 0.25)

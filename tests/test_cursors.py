@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pulsar_rest import events
-from pulsar_rest.settings import Settings
 from pulsar_rest.web import views
 from tests.conftest import (
     Client,
@@ -22,13 +20,7 @@ from tests.conftest import (
     release,
     waiters,
 )
-
-
-@pytest.fixture
-def settings(settings: Settings, database: str | None) -> Settings:
-    """Every test here on both stores: SQLite, and PostgreSQL (whose events are numbered in
-    the database and come back through its feed)."""
-    return replace(settings, database=database)
+from tests.stores import on_both_stores  # noqa: F401 (the fixture `settings` here)
 
 
 async def _log(client: Client, task_id: int) -> bytes:

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 
 from tests.conftest import alive
-from tests.serving import OPENER, TIMEOUT, call, ended, listening_port, wait_for
-from tests.test_production import CERT, free_port, nginx_running, site_on_loopback, substitute
+from tests.nginx import CERT, free_port, nginx_running, site_on_loopback, substitute
+from tests.serving import OPENER, TIMEOUT, call, ended, listening_port, stop, wait_for
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -61,8 +61,7 @@ def test_a_task_of_one_instance_is_followed_and_killed_through_another(
 
     # A restart of B keeps the cursors: what A does after is there from B's old cursor on.
     cursor = call(f"{b}/status")["seq"]
-    b_proc.terminate()
-    b_proc.communicate(timeout=30)
+    stop(b_proc)
     b_proc, b = instance(start, tmp_path, "b", postgres_dsn, run=2)
     later = call(f"{a}/shop/stage", {"action": "ok"})["task"]
     assert [t["id"] for t in call(f"{b}/tasks/created?since={cursor}&timeout=10")["tasks"]] == [later["id"]]
@@ -121,12 +120,13 @@ def test_the_output_of_one_instance_s_task_is_followed_through_another(
     assert first["output"] == "waiting for g\n" and not first["complete"]
     (gates / "g").touch()
     text, offset = first["output"], first["nextOffset"]
-    while True:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
         answer = call(f"{b}/task/{task['id']}/output?offset={offset}&timeout=10")
         text, offset = text + answer["output"], answer["nextOffset"]
         if answer["complete"]:
             break
-    assert answer["task"]["status"] == "finished"
+    assert answer["complete"] and answer["task"]["status"] == "finished", text
     whole = get(f"{a}/task/{task['id']}/log")[1]
     assert text.encode() == whole and whole.startswith(b"waiting for g\npassed g\n")
     # The log and the stdout, whole or in part, from the database through B.
@@ -151,8 +151,8 @@ def test_when_an_instance_dies_the_others_interrupt_its_tasks_and_go_on(
 
     a_proc.kill()  # kill -9: no goodbye
     a_proc.communicate(timeout=TIMEOUT)
-    changed = call(f"{b}/task/{task['id']}/state?since={since}&timeout=5")
-    assert changed["changed"] and changed["task"]["status"] == "interrupted"
+    assert ended(b, task["id"])["status"] == "interrupted"
+    assert call(f"{b}/task/{task['id']}/state?since={since}&timeout=0")["changed"]
     assert get(f"{b}/task/{task['id']}/log")[1].startswith(b"hanging")  # what was shipped stays
     assert ended(b, queued["id"])["status"] == "finished"  # the next deploy goes on, on B
     # What the task left running on this host is stopped (found by its marker).
@@ -190,9 +190,11 @@ def follow_events(
     cursor), kind, task and status."""
     request = urllib.request.Request(f"{base}/events?since={since}")
     events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 2 * TIMEOUT  # checked at each line (a keep-alive at least)
     with OPENER.open(request, timeout=TIMEOUT) as stream:
         fields: dict[str, str] = {}
         for raw in stream:
+            assert time.monotonic() < deadline, f"not all events came: {events}"
             line = raw.decode().rstrip("\n")
             if line:
                 name, _, value = line.partition(": ")
@@ -325,7 +327,9 @@ def test_three_instances_behind_nginx_answer_one_client_as_one_server(
         created = through(f"/tasks/created?since={since}&timeout=10")
         assert [t["id"] for t in created["tasks"]] == [task["id"]]
         text, offset, polls = "", 0, 0
+        deadline = time.monotonic() + TIMEOUT
         while True:
+            assert time.monotonic() < deadline, f"the output did not end: {offset} bytes"
             answer = through(f"/task/{task['id']}/output?offset={offset}&timeout=10")
             assert answer["offset"] == offset
             text, offset, polls = text + answer["output"], answer["nextOffset"], polls + 1
@@ -333,6 +337,7 @@ def test_three_instances_behind_nginx_answer_one_client_as_one_server(
                 break
         cursor, statuses = created["next"], list[str]()
         while not statuses or statuses[-1] not in ("finished", "failed"):
+            assert time.monotonic() < deadline, f"the task did not end: {statuses}"
             state = through(f"/task/{task['id']}/state?since={cursor}&timeout=10")
             if state["changed"]:
                 cursor = state["next"]

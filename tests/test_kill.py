@@ -5,23 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 
 from pulsar_rest import runner
-from pulsar_rest.settings import Settings
 from pulsar_rest.web.keys import SERVICE
 from tests.conftest import Client, ClientFactory, alive, create, eventually, finished, follow
-
-
-@pytest.fixture
-def settings(settings: Settings, database: str | None) -> Settings:
-    """Every test here on both stores: SQLite, and PostgreSQL (whose events are numbered in
-    the database and come back through its feed)."""
-    return replace(settings, database=database)
+from tests.stores import on_both_stores  # noqa: F401 (the fixture `settings` here)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

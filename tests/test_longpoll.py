@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pulsar_rest.settings import Settings
 from tests.conftest import Client, ClientFactory, create, eventually, finished, follow, release, waiters
-
-
-@pytest.fixture
-def settings(settings: Settings, database: str | None) -> Settings:
-    """Every test here on both stores: SQLite, and PostgreSQL (whose events are numbered in
-    the database and come back through its feed)."""
-    return replace(settings, database=database)
+from tests.stores import on_both_stores  # noqa: F401 (the fixture `settings` here)
 
 
 async def _poll(client: Client, path: str, **params: str) -> dict[str, Any]:

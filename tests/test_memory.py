@@ -14,20 +14,26 @@ from tests.conftest import eventually
 async def test_a_burst_of_asks_makes_one_trim_after_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
     trims: list[int] = []
     done = threading.Event()
+    real = memory._MALLOC_TRIM
 
     def malloc_trim(pad: int) -> int:
         trims.append(pad)
         done.set()
-        return 1
+        return real(pad) if real is not None else 0
 
     monkeypatch.setattr(memory, "_MALLOC_TRIM", malloc_trim)
     trim = memory.Trim(delay=0.05)
     loop = asyncio.get_running_loop()
     first = loop.time()
+    timers = []
     for _ in range(5):  # asks spread over more than the delay: still one trim, after the last
         trim.soon()
+        timers.append(trim._timer)
         await asyncio.sleep(0.02)  # the asks' pace, not a synchronisation
-    last = loop.time() - 0.02
+    last = first + 0.08  # the last ask came no earlier than this
+    burst = loop.time() - first
+    # A timer set again only when it fires (once a delay at most), not at each ask.
+    assert len({id(timer) for timer in timers}) <= 1 + burst / 0.05
     await eventually(done.is_set, what="the trim")
-    assert trims == [0]
+    assert trims == [0] and trim._timer is None
     assert loop.time() - last >= 0.05 and loop.time() - first > 0.1

@@ -8,13 +8,11 @@ tests fail, saying so, rather than skip."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
 import re
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -31,14 +29,20 @@ import pytest
 
 from pulsar_rest.settings import load_settings
 from tests.conftest import eventually, release
+from tests.nginx import (
+    CERT,
+    SITE,
+    free_port,
+    main_config,
+    nginx_argv,
+    nginx_running,
+    site_on_loopback,
+    tool,
+)
 from tests.serving import ROOT, TIMEOUT, call, ended, listening_port, stop, wait_for
 
 UNIT = ROOT / "config" / "pulsar-rest.service"
-SITE = ROOT / "config" / "nginx.conf"
 EXAMPLE_CONFIG = ROOT / "config" / "pulsar-rest.example.yml"
-# The development certificate: valid for localhost and 127.0.0.1, its own CA.
-CERT = ROOT / "bin" / "ssl" / "pulsar.local.crt"
-KEY = ROOT / "bin" / "ssl" / "pulsar.local.key"
 # A deadline for what should come soon: a failure, never a pace.
 DEADLINE = 10.0
 
@@ -51,15 +55,6 @@ def collected() -> Iterator[None]:
     here) in that test, not in whichever test the collector happens to run in later."""
     yield
     gc.collect()
-
-
-def tool(name: str, package: str) -> str:
-    """The path of `name`; a failure naming the Debian package when it is missing."""
-    # /usr/sbin holds nginx and is not on every user's PATH.
-    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if path is None:
-        pytest.fail(f"{name} is not installed: apt-get install {package} (.ci/run installs it)")
-    return path
 
 
 # -- the unit, as systemd reads it -------------------------------------------------------
@@ -285,79 +280,6 @@ def test_tasks_do_not_inherit_the_notify_socket(
 
 # -- nginx in front ---------------------------------------------------------------------
 
-# nginx's own configuration around the site, as Debian's /etc/nginx/nginx.conf has it
-# (copied: the test never reads /etc/nginx), with an admin's broad gzip_types on top. The
-# site must hold against them: its TLS 1.3 only over the older versions allowed around it,
-# its unbuffered, ungzipped streams over gzip.
-NGINX_MAIN = """\
-daemon off;
-master_process off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
-    ssl_prefer_server_ciphers on;
-    gzip on;
-    gzip_types text/plain application/json text/event-stream;
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    # Only here: ignore pulsar-rest's own X-Accel-Buffering, so that what keeps the streams
-    # unbuffered in these tests is the site's configuration alone.
-    proxy_ignore_headers X-Accel-Buffering;
-{site}
-}}
-"""
-
-
-def substitute(text: str, pattern: str, replacement: str, count: int = 1) -> str:
-    """`text` with `pattern` (each line) replaced, which must match `count` times: a site
-    that changed shape fails here rather than being tested with its placeholders."""
-    new, made = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    assert made == count, f"{pattern!r} matched {made} times in {SITE}, not {count}"
-    return new
-
-
-def site_with_dev_cert(text: str) -> str:
-    text = substitute(text, r"^(\s*ssl_certificate)\s+\S+;", rf"\1 {CERT};")
-    return substitute(text, r"^(\s*ssl_certificate_key)\s+\S+;", rf"\1 {KEY};")
-
-
-def site_on_loopback(https: int, http: int, upstream: int) -> str:
-    """The site with the development certificate, listening on loopback ports of this test
-    (IPv4 only: IPv6 may be off where tests run), proxying to pulsar-rest on `upstream`."""
-    site = site_with_dev_cert(SITE.read_text())
-    site = substitute(site, r"^(\s*)listen\s+443\b([^;]*);", rf"\1listen 127.0.0.1:{https}\2;")
-    site = substitute(site, r"^(\s*)listen\s+80\b([^;]*);", rf"\1listen 127.0.0.1:{http}\2;")
-    site = substitute(site, r"^\s*listen\s+\[::\]:\d+[^;]*;\n", "", count=2)
-    return substitute(site, r"^(\s*server\s+127\.0\.0\.1):8001\b", rf"\g<1>:{upstream}")
-
-
-def main_config(tmp: Path, site: str) -> Path:
-    """nginx's configuration, all of its files under `tmp`, around `site`."""
-    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / name).mkdir(exist_ok=True)
-    path = tmp / "nginx.conf"
-    path.write_text(NGINX_MAIN.format(tmp=tmp, site=site))
-    return path
-
-
-def nginx_argv(nginx: str, tmp: Path, config: Path) -> list[str]:
-    # -p and -e: nginx's prefix and its first error log, before it reads the configuration,
-    # would otherwise be Debian's /usr/share/nginx and /var/log/nginx.
-    return [nginx, "-p", f"{tmp}/", "-e", str(tmp / "error.log"), "-c", str(config)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def test_nginx_accepts_the_site(tmp_path: Path) -> None:
     """`nginx -t` on the site as it is, but for its certificate and addresses (nginx -t
@@ -398,47 +320,6 @@ class Proxy:
         with opener.open(f"http://127.0.0.1:{self.upstream}{path}", timeout=TIMEOUT) as resp:
             answer: dict[str, Any] = json.load(resp)
         return answer
-
-
-def wait_until_accepting(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"nginx exited ({proc.returncode}): {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nginx is not listening on {port}: {log.read_text()}") from None
-            time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def nginx_running(tmp: Path, site: str, https: int) -> Iterator[None]:
-    """Debian's nginx with `site` (all its files under `tmp`), accepting on `https`, until
-    the block ends; then stopped, with no error in its log."""
-    nginx = tool("nginx", "nginx")
-    config = main_config(tmp, site)
-    errors = tmp / "error.log"
-    proc = subprocess.Popen(
-        nginx_argv(nginx, tmp, config),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until_accepting(https, proc, errors)
-        yield
-    finally:
-        proc.terminate()  # nginx's fast shutdown: it closes the open streams too
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
-    assert proc.returncode == 0, errors.read_text()
-    assert "[emerg]" not in errors.read_text() and "[alert]" not in errors.read_text(), errors.read_text()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,13 +27,7 @@ from tests.conftest import (
     post_json,
     release,
 )
-
-
-@pytest.fixture
-def settings(settings: Settings, database: str | None) -> Settings:
-    """Every test here on both stores: SQLite, and PostgreSQL (whose events are numbered in
-    the database and come back through its feed)."""
-    return replace(settings, database=database)
+from tests.stores import on_both_stores  # noqa: F401 (the fixture `settings` here)
 
 
 async def test_a_second_deploy_of_the_same_app_and_env_is_a_409(client: Client, gates: Path) -> None:
