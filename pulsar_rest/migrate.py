@@ -23,7 +23,7 @@ from psycopg import sql
 
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.pgstore import CHUNK as LOG_CHUNK
-from pulsar_rest.pgstore import UPSERT, PgStore, pg_row, shown_dsn
+from pulsar_rest.pgstore import UPSERT, PgStore, instance_id, pg_row, shown_dsn
 from pulsar_rest.settings import SettingsError, load_settings, without_values
 from pulsar_rest.store import DB_NAME, SqliteStore, StoreError, history_rows
 
@@ -109,9 +109,13 @@ async def _copy(
     if held and held[0]:
         raise StoreError(f"the database already holds {held[0]} tasks: migrate into an empty one")
     tasks = 0
+    # Its unfinished tasks (a server that crashed) are this data directory's instance's: a
+    # server started on it recovers them, and if none is, the others take them for those of
+    # an instance that is gone (interrupted, once).
+    owner = instance_id(data_dir)
     async with conn.cursor() as cursor:
         for chunk in history_rows(db, data_dir, CHUNK):
-            await cursor.executemany(UPSERT, [pg_row(task, None) for task in chunk])
+            await cursor.executemany(UPSERT, [pg_row(task, owner) for task in chunk])
             tasks += len(chunk)
             for task in chunk:  # their output too: every instance reads it from the database
                 await _copy_log(cursor, task.id, 0, task.output.path)

@@ -343,11 +343,11 @@ class PgStore:
             run = await _setup(conn, count_run=True)
         epoch = await (await conn.execute("SELECT value FROM meta WHERE key = 'epoch'")).fetchone()
         self.base = int(epoch[0]) << 32 if epoch else 0
-        # This instance's own (those of a history moved from SQLite have none): what a
-        # restart recovers. The others' belong to the instances that run them.
+        # This instance's own: what a restart recovers. The others' belong to the instances
+        # that run them.
         rows = await (
             await conn.execute(
-                _SELECT + sql.SQL(" WHERE status = ANY(%s) AND (owner = %s OR owner IS NULL) ORDER BY id"),
+                _SELECT + sql.SQL(" WHERE status = ANY(%s) AND owner = %s ORDER BY id"),
                 (_NOT_ENDED, self.instance),
             )
         ).fetchall()

@@ -8,10 +8,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from pulsar_rest.auth.grants import Role
 from pulsar_rest.pgstore import PgTokenAdmin
 from pulsar_rest.settings import Settings
-from pulsar_rest.store import TokenAdmin
+from pulsar_rest.store import SqliteStore, TokenAdmin
+from pulsar_rest.tasks import Task, TaskStatus
 from tests.conftest import ClientFactory, create, finished, get_json
 from tests.serving import ROOT, TIMEOUT, command, environ, listening_port
 
@@ -117,3 +120,32 @@ def test_migrate_errors_are_one_line(tmp_path: Path) -> None:
     one_line_error(
         migrate("--to", "postgresql://127.0.0.1:1/x", "--data-dir", str(tmp_path)), "holds no history"
     )
+
+
+async def test_a_migrated_task_a_crash_left_unfinished_is_interrupted_once(
+    make_client: ClientFactory, settings: Settings, postgres_dsn: str
+) -> None:
+    """A server crashed with a task running, then its history was moved: the task is that
+    data directory's instance's, and with no server on it, the others interrupt it, once
+    (not each as its own at its start)."""
+    store = SqliteStore(settings.data_dir)
+    await store.open()
+    running = Task(1, "shop", "prod", "deploy", ["pulsar"], store.new_output(1), status=TaskStatus.RUNNING)
+    await store.add(running)
+    await store.close()
+    assert migrate("--to", postgres_dsn, "--data-dir", str(settings.data_dir)).returncode == 0
+
+    # Two instances of other data directories, started together (as after a migration).
+    here = await asyncio.gather(
+        *(make_client(database=postgres_dsn, data_dir=settings.data_dir.parent / name) for name in "bc")
+    )
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while (await get_json(here[0], "/task/1"))["status"] != "interrupted":
+        assert asyncio.get_running_loop().time() < deadline, "the migrated task was never interrupted"
+        await asyncio.sleep(0.05)  # the others' sweep comes once a second: a pace, not a synchronisation
+    conn = await psycopg.AsyncConnection.connect(postgres_dsn)
+    async with conn:
+        changes = await (await conn.execute("SELECT status FROM events WHERE task_id = 1")).fetchall()
+    assert changes == [("interrupted",)]
+    for client in here:
+        await client.close()
