@@ -39,7 +39,6 @@ SHIP_EVERY = 0.1
 class PgFeed:
     def __init__(
         self,
-        dsn: str,
         store: PgStore,
         bus: EventBus,
         apply: Callable[[list[Event]], Awaitable[None]],
@@ -50,7 +49,6 @@ class PgFeed:
         """`apply` brings the service's tasks up to events and publishes them; `kill` is told
         of kills asked for through other instances; `grew` of the output of another
         instance's task (its id, stream and size); `remote` says which tasks those are."""
-        self._dsn = dsn
         self._store = store
         self._bus = bus
         self._apply = apply
@@ -186,7 +184,7 @@ class PgFeed:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._dsn,
+                    self._store.dsn,
                     autocommit=True,
                     connect_timeout=10,
                     application_name=self._store.connection_name("listener"),
@@ -194,7 +192,7 @@ class PgFeed:
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     if failures:
-                        log.info("listening to %s again", shown_dsn(self._dsn))
+                        log.info("listening to %s again", shown_dsn(self._store.dsn))
                     failures = 0
                     self.listening = True
                     self._wake.set()  # what was missed while not listening
@@ -209,6 +207,6 @@ class PgFeed:
                 self.listening = False
                 pause = RECONNECT[min(failures, len(RECONNECT) - 1)]
                 failures += 1
-                shown = shown_dsn(self._dsn)
+                shown = shown_dsn(self._store.dsn)
                 log.warning("the event listener lost %s: %s (again in %s s)", shown, exc, pause)
                 await asyncio.sleep(pause)  # a back-off, not a synchronisation

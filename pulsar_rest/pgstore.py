@@ -54,7 +54,6 @@ Write = tuple[sql.Composed | sql.SQL, tuple[Any, ...], asyncio.Future[None] | No
 _EVENT = sql.SQL("-- event")
 # The channel every instance listens on: "e" when events were committed.
 CHANNEL = "pulsar"
-RECENT_EVENTS = KEEP_EVENTS
 
 SCHEMA_VERSION = 1
 # Held while the schema is made or upgraded: instances that start together take turns.
@@ -359,7 +358,7 @@ class PgStore:
         ).fetchall()
         counter = await (await conn.execute("SELECT seq FROM event_counter")).fetchone()
         seq = int(counter[0]) if counter else 0
-        recent = await self._events_after(conn, max(0, seq - RECENT_EVENTS), RECENT_EVENTS)
+        recent = await self._events_after(conn, max(0, seq - KEEP_EVENTS), KEEP_EVENTS)
         ended = await (
             await conn.execute(
                 "SELECT status, sum(n)::bigint FROM task_counts WHERE status = ANY(%s) "
@@ -373,7 +372,7 @@ class PgStore:
             run,
             seq=self.base + seq,
             recent=recent,
-            horizon=self.base + max(0, seq - RECENT_EVENTS),
+            horizon=self.base + max(0, seq - KEEP_EVENTS),
             others=[self._task(row) for row in others],
         )
 
@@ -688,7 +687,7 @@ class PgStore:
                 # Events older than what a start reads back answer no cursor any more.
                 await conn.execute(
                     "DELETE FROM events WHERE seq <= (SELECT seq FROM event_counter) - %s",
-                    (2 * RECENT_EVENTS,),
+                    (2 * KEEP_EVENTS,),
                 )
             return doomed
 

@@ -125,9 +125,7 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     service = TaskService(store, bus, config, history.live, history.ended, history.others)
     feed = None
     if pg is not None:
-        feed = PgFeed(
-            pg.dsn, pg, bus, service.apply, service.kill_requested, service.output_grew, service.remote_ids
-        )
+        feed = PgFeed(pg, bus, service.apply, service.kill_requested, service.output_grew, service.remote_ids)
         service.share(feed)
     app[STORE] = store
     app[CONF] = conf
