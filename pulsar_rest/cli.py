@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from pulsar_rest import clientcli, logfile, migrate, systemd, tokencli
+from pulsar_rest import clientcli, logfile, memory, migrate, systemd, tokencli
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return migrate.main(argv[1:])
     if argv and argv[0] in clientcli.COMMANDS:
         return clientcli.main(argv)
+    memory.one_arena()  # before the first thread starts
     lock: DataDirLock | None = None
     sockets: list[socket.socket] = []
     try:
