@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import logging
+import random
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -779,11 +780,54 @@ async def test_a_task_s_messages_go_when_its_last_follower_leaves() -> None:
             await messages.made_once((1, 0, 10), maker(b"one"))
             await messages.made_once((2, 0, 10), maker(b"two"))
             assert await messages.made_once((1, 0, 10), maker(b"again")) == b"one"  # kept
-        # Task 2's last follower has gone; task 1 still has one.
+            text = messages.text(2, 10)
+        # Task 2's last follower has gone; task 1 still has one. A long-poll follower asks
+        # again at once: its task's messages and text are still there for it.
+        assert await messages.made_once((2, 0, 10), maker(b"again")) == b"two"
+        assert messages.text(2, 10) is text
+        with messages.following(2):
+            pass  # a last ask: from its end, a while without followers
+        await eventually(lambda: messages.text(2, 10) is not text, what="task 2's text gone")
         assert await messages.made_once((2, 0, 10), maker(b"two, again")) == b"two, again"
         assert await messages.made_once((1, 0, 10), maker(b"again")) == b"one"
+    await eventually(lambda: (1, 0, 10) not in messages._made, what="task 1's messages gone")
     assert await messages.made_once((1, 0, 10), maker(b"one, again")) == b"one, again"
     assert made == [b"one", b"two", b"two, again", b"one, again"]
+
+
+def test_output_escaped_once_for_all_followers_is_what_json_would_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Followers at scattered offsets, some far behind, some with small limits, one from an
+    offset inside a character: each gets exactly json.dumps's text of its range."""
+    escaped, answered = 0, 0
+    real = fanout._escape
+
+    def escape(data: bytes) -> bytes:
+        nonlocal escaped
+        escaped += len(data)
+        return real(data)
+
+    monkeypatch.setattr(fanout, "_escape", escape)
+    rng = random.Random(16)
+    words = ["deploy", "é", "日本", "🚀", '"quoted"', "back\\slash", "\t", "\x1b[32mok\x1b[0m", "\r"]
+    text = fanout.JsonText(keep=2000)
+    offsets = [0] * 20 + [1]  # the last one inside the "é" the log starts with
+    log = "é line\n".encode()
+    for _ in range(300):
+        lines = (" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(rng.randint(0, 4)))
+        log += "".join(line + "\n" for line in lines).encode()
+        for i in rng.sample(range(len(offsets)), k=rng.randint(1, len(offsets))):
+            limit = rng.choice([len(log), 300]) if i % 5 == 0 else len(log)
+            data = log[offsets[i] : offsets[i] + limit]
+            if b"\n" not in data:
+                continue
+            data = data[: data.rindex(b"\n") + 1]
+            assert text.escaped(offsets[i], data) == json.dumps(data.decode(errors="replace"))[1:-1].encode()
+            offsets[i] += len(data)
+            answered += len(data)
+    assert escaped < answered / 5  # mostly escaped once for all, not once an answer
+    assert text._starts[0] > 0 and len(log) - text._starts[0] < 3 * 2000  # what is far behind has gone
 
 
 async def test_followers_that_ask_at_once_for_a_message_have_it_made_once() -> None:

@@ -16,9 +16,10 @@ import asyncio
 import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterator
+from json.encoder import encode_basestring_ascii
 from typing import Generic, TypeVar
 
-from pulsar_rest.memory import Trim
+from pulsar_rest.memory import Quiet, Trim
 
 # The fan-out clock: the most a follower's message is held back to be shared (the lag it
 # adds), and the fewest messages a second a follower gets while output flows.
@@ -68,6 +69,60 @@ class Budget:
 Key = tuple[Hashable, ...]
 
 
+class JsonText:
+    """A task's output as the text of a JSON string, escaped once for all its followers.
+
+    Long-poll followers ask from scattered offsets (each from where its last answer ended),
+    so their answers are rarely the same message; but they all reach the same end, and
+    escaping each answer's output was a fifth of the server's time with 1,000 of them. The
+    text is kept in pieces cut where answers started and ended: a follower's answer starts
+    where one ended, so it is a join of pieces, and only output no answer held yet is
+    escaped. The log never changes what it holds, so a piece stays right."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep  # raw bytes kept behind the frontier (followers further behind escape their own)
+        self._starts: list[int] = []  # the raw offset where each piece starts
+        self._pieces: list[bytes] = []
+        self._index: dict[int, int] = {}  # offset -> its piece (or len(_pieces): the frontier)
+        self._frontier = -1
+
+    def escaped(self, offset: int, data: bytes) -> bytes:
+        """`data`, the log's bytes from `offset`, decoded and escaped as json.dumps does
+        (without the quotes). Both ends must be where characters start, as answers' are."""
+        end = offset + len(data)
+        if self._frontier < 0 or offset > self._frontier:
+            self._restart(offset)
+        if end > self._frontier:
+            self._add(data[self._frontier - offset :])
+        first, last = self._index.get(offset), self._index.get(end)
+        if first is None or last is None:
+            # From an offset no answer started or ended at (or gone: far behind), or to an
+            # end inside a piece (a smaller limit than the others').
+            return _escape(data)
+        return b"".join(self._pieces[first:last])
+
+    def _restart(self, offset: int) -> None:
+        self._starts, self._pieces, self._index = [], [], {offset: 0}
+        self._frontier = offset
+
+    def _add(self, data: bytes) -> None:
+        self._starts.append(self._frontier)
+        self._pieces.append(_escape(data))
+        self._frontier += len(data)
+        self._index[self._frontier] = len(self._pieces)
+        if self._frontier - self._starts[0] > 2 * self._keep:
+            # The older half goes: one copy per `keep` bytes, not one per piece.
+            near = (i for i, start in enumerate(self._starts) if self._frontier - start <= self._keep)
+            drop = next(near, len(self._starts) - 1)
+            self._starts, self._pieces = self._starts[drop:], self._pieces[drop:]
+            self._index = {start: i for i, start in enumerate(self._starts)}
+            self._index[self._frontier] = len(self._pieces)
+
+
+def _escape(data: bytes) -> bytes:
+    return encode_basestring_ascii(data.decode(errors="replace"))[1:-1].encode()
+
+
 class Messages(Generic[V]):
     """Encoded messages by what they hold (task, range, state): made by the first follower
     that needs one, reused by the others, the oldest forgotten first."""
@@ -78,7 +133,18 @@ class Messages(Generic[V]):
         self._made: OrderedDict[Key, V] = OrderedDict()
         self._making: dict[Key, asyncio.Future[V | None]] = {}
         self._followers: Counter[Hashable] = Counter()
+        self._texts: dict[Hashable, JsonText] = {}
+        # A long-poll follower is here only while it asks: its task's messages and text stay
+        # for the next ask, and go once no follower has asked for a while.
+        self._unfollowed = Quiet(self._forget_unfollowed)
         self._trim = Trim()
+
+    def text(self, task_id: Hashable, keep: int) -> JsonText:
+        """The escaped output of a task that is followed (see following)."""
+        text = self._texts.get(task_id)
+        if text is None:
+            text = self._texts[task_id] = JsonText(keep)
+        return text
 
     async def made_once(self, key: Key, make: Callable[[], Awaitable[tuple[V, bool]]]) -> V:
         """The message for `key`: kept, or being made for another follower (awaited), or
@@ -112,7 +178,8 @@ class Messages(Generic[V]):
 
     @contextlib.contextmanager
     def following(self, task_id: int) -> Iterator[None]:
-        """While a follower of the task is here; once the last has gone, its messages go."""
+        """While a follower of the task is here; once the last has gone (for a quarter of
+        a second: a long-poll follower comes back), its messages and text go."""
         self._followers[task_id] += 1
         try:
             yield
@@ -120,8 +187,13 @@ class Messages(Generic[V]):
             self._followers[task_id] -= 1
             if not self._followers[task_id]:
                 del self._followers[task_id]
-                gone = [key for key in self._made if key[0] == task_id]
-                for key in gone:
-                    del self._made[key]
-                if gone:
-                    self._trim.soon()  # what they were sent was held in big buffers
+                self._unfollowed.soon()
+
+    def _forget_unfollowed(self) -> None:
+        gone = [key for key in self._made if key[0] not in self._followers]
+        for key in gone:
+            del self._made[key]
+        for task_id in [task_id for task_id in self._texts if task_id not in self._followers]:
+            del self._texts[task_id]
+        if gone:
+            self._trim.soon()  # what they were sent was held in big buffers

@@ -291,13 +291,15 @@ async def _output_wait(request: web.Request, task: Task, offset: int, limit: int
     async def make() -> tuple[bytes, bool]:
         if ready:  # an empty answer (the wait's end) costs nothing to make
             await answers.made.spend(min(limit, task.output.size - offset))
-        body = await _output_answer(task, offset, limit, ready, bus.seq)
+        body = await _output_answer(task, offset, limit, ready, bus.seq, answers.text(task.id, OUTPUT_LIMIT))
         return body, key[3:5] == (task.version, bus.seq)  # not moved on meanwhile (a read from the file)
 
     return await answers.made_once(key, make)
 
 
-async def _output_answer(task: Task, offset: int, limit: int, ready: bool, seq: int) -> bytes:
+async def _output_answer(
+    task: Task, offset: int, limit: int, ready: bool, seq: int, text: fanout.JsonText
+) -> bytes:
     data = await task.output.read(offset, limit) if ready else b""
     if not task.status.ended and b"\n" in data:
         data = data[: data.rindex(b"\n") + 1]
@@ -305,9 +307,7 @@ async def _output_answer(task: Task, offset: int, limit: int, ready: bool, seq: 
         data = complete_chars(data)  # a line longer than an answer: cut between characters
     next_offset = offset + len(data)
     complete = task.status.ended and next_offset >= task.output.size
-    answer = {
-        "changed": bool(data) or complete,
-        "output": data.decode(errors="replace"),
+    rest = {
         "offset": offset,
         "nextOffset": next_offset,
         "size": task.output.size,
@@ -315,7 +315,10 @@ async def _output_answer(task: Task, offset: int, limit: int, ready: bool, seq: 
         "task": summary(task),
         "seq": seq,
     }
-    return json.dumps(answer).encode()
+    # As json.dumps would write it all, with the output escaped once for every follower.
+    changed = b"true" if data or complete else b"false"
+    output = text.escaped(offset, data) if data else b""
+    return b'{"changed": %s, "output": "%s", %s' % (changed, output, json.dumps(rest)[1:].encode())
 
 
 async def task_state(request: web.Request) -> web.Response:
