@@ -827,6 +827,11 @@ def test_output_escaped_once_for_all_followers_is_what_json_would_write(
             offsets[i] += len(data)
             answered += len(data)
     assert escaped < answered / 5  # mostly escaped once for all, not once an answer
+    # What an answer costs the tick's budget: what it alone escapes.
+    start = offsets[0]
+    assert text.cost(start, len(log)) == 0  # a join of pieces
+    assert text.cost(start, len(log) + 100) == 100  # and output no answer held yet
+    assert text.cost(start + 1, len(log)) == len(log) - start - 1  # from no piece's start
     assert text._starts[0] > 0 and len(log) - text._starts[0] < 3 * 2000  # what is far behind has gone
 
 

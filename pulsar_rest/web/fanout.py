@@ -101,6 +101,12 @@ class JsonText:
             return _escape(data)
         return b"".join(self._pieces[first:last])
 
+    def cost(self, offset: int, end: int) -> int:
+        """How many bytes an answer from `offset` to about `end` would escape."""
+        if offset in self._index:
+            return max(0, end - self._frontier)
+        return end - offset
+
     def _restart(self, offset: int) -> None:
         self._starts, self._pieces, self._index = [], [], {offset: 0}
         self._frontier = offset

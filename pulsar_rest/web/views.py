@@ -289,9 +289,14 @@ async def _output_wait(request: web.Request, task: Task, offset: int, limit: int
     key = (task.id, offset, limit, task.version, bus.seq, ready)
 
     async def make() -> tuple[bytes, bool]:
-        if ready:  # an empty answer (the wait's end) costs nothing to make
-            await answers.made.spend(min(limit, task.output.size - offset))
-        body = await _output_answer(task, offset, limit, ready, bus.seq, answers.text(task.id, OUTPUT_LIMIT))
+        text = answers.text(task.id, OUTPUT_LIMIT)
+        # What is read from the file or escaped for this answer alone (an empty answer, the
+        # wait's end, costs nothing; output other answers escaped is a join).
+        end = min(offset + limit, task.output.size)
+        cost = end - offset if offset < task.output.tail_start else text.cost(offset, end)
+        if ready and cost:
+            await answers.made.spend(cost)
+        body = await _output_answer(task, offset, limit, ready, bus.seq, text)
         return body, key[3:5] == (task.version, bus.seq)  # not moved on meanwhile (a read from the file)
 
     return await answers.made_once(key, make)
