@@ -53,6 +53,15 @@ class Metrics:
             ["route"],
             registry=self.registry,
         )
+        self._routes: dict[tuple[str, str], RouteMetrics] = {}
+
+    def route(self, route: str, method: str) -> RouteMetrics:
+        """The metrics of one route template and method: looked up once, not once a
+        request (a label lookup costs microseconds, and a follower asks many times)."""
+        found = self._routes.get((route, method))
+        if found is None:
+            found = self._routes[(route, method)] = RouteMetrics(self, route, method)
+        return found
 
     def task_ended(self, task: Task) -> None:
         self.ended.labels(task.status.value).inc()
@@ -66,6 +75,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouteMetrics:
+    """The labelled metrics of one route template and method."""
+
+    def __init__(self, metrics: Metrics, route: str, method: str) -> None:
+        self.in_progress = metrics.in_progress.labels(route)
+        self.latency = metrics.latency.labels(route, method)
+        self._requests = metrics.requests
+        self._route, self._method = route, method
+        self._answered: dict[int, Counter] = {}
+
+    def answered(self, status: int, seconds: float) -> None:
+        counter = self._answered.get(status)
+        if counter is None:
+            counter = self._answered[status] = self._requests.labels(self._route, self._method, str(status))
+        counter.inc()
+        self.latency.observe(seconds)
 
 
 class Live:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,29 @@ async def test_output_offset_holds_back_a_partial_line(client: Client, gates: Pa
     answer = await get_json(client, f"/task/{task_id}/output", offset=0)
     assert answer["output"] == "start é end\nbad \ufffd\ufffd bytes\n\ufffd"
     assert answer["complete"] is True
+
+
+async def test_output_answers_are_written_as_json_dumps_writes_them(client: Client, gates: Path) -> None:
+    """Made from pieces (the output escaped once for all followers, the rest once per
+    change of the task), an answer is byte for byte json.dumps's: old clients compare."""
+    coloured = (await create(client, "pulsar_fail"))["id"]  # escape codes
+    await finished(client, coloured)
+    running = (await create(client, "utf8[json]", app="json"))["id"]
+    fields = ["changed", "output", "offset", "nextOffset", "size", "complete", "task", "seq"]
+    # Offset 6 is inside "é", as a client may ask; the running task has 7 bytes yet.
+    phases = [(coloured, (0, 6, 8)), (running, (0, 6)), (running, (0, 6, 8))]
+    for phase, (task_id, offsets) in enumerate(phases):
+        if phase == 2:
+            release(gates, "json")
+            await finished(client, running)
+        for offset in offsets:
+            query = {"offset": str(offset), "timeout": "0.1"}
+            resp = await client.get(f"/task/{task_id}/output", params=query)
+            raw = await resp.read()
+            assert resp.status == 200, raw
+            answer = json.loads(raw)
+            assert raw == json.dumps(answer).encode() and list(answer) == fields
+    assert answer["complete"] is True and answer["output"] == " end\nbad \ufffd\ufffd bytes\n\ufffd"
 
 
 async def test_output_offset_past_the_end_is_410(client: Client) -> None:

@@ -140,6 +140,7 @@ class Messages(Generic[V]):
         self._making: dict[Key, asyncio.Future[V | None]] = {}
         self._followers: Counter[Hashable] = Counter()
         self._texts: dict[Hashable, JsonText] = {}
+        self._lasts: dict[Hashable, tuple[Key, bytes]] = {}
         # A long-poll follower is here only while it asks: its task's messages and text stay
         # for the next ask, and go once no follower has asked for a while.
         self._unfollowed = Quiet(self._forget_unfollowed)
@@ -151,6 +152,14 @@ class Messages(Generic[V]):
         if text is None:
             text = self._texts[task_id] = JsonText(keep)
         return text
+
+    def last(self, key: Key, make: Callable[[], bytes]) -> bytes:
+        """A part of messages that is the same for every follower of the task as it is
+        now (`key`, its id first): made again only once the task has changed."""
+        found = self._lasts.get(key[0])
+        if found is None or found[0] != key:
+            found = self._lasts[key[0]] = (key, make())
+        return found[1]
 
     async def made_once(self, key: Key, make: Callable[[], Awaitable[tuple[V, bool]]]) -> V:
         """The message for `key`: kept, or being made for another follower (awaited), or
@@ -199,7 +208,8 @@ class Messages(Generic[V]):
         gone = [key for key in self._made if key[0] not in self._followers]
         for key in gone:
             del self._made[key]
-        for task_id in [task_id for task_id in self._texts if task_id not in self._followers]:
-            del self._texts[task_id]
+        for kept in (self._texts, self._lasts):
+            for task_id in [task_id for task_id in kept if task_id not in self._followers]:
+                del kept[task_id]
         if gone:
             self._trim.soon()  # what they were sent was held in big buffers

@@ -29,8 +29,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     # The route's template (/task/{id}), never the raw path: the label set stays bounded.
     route = resource.canonical if resource is not None else "unmatched"
     started = time.perf_counter()
-    in_progress = metrics.in_progress.labels(route)
-    in_progress.inc()
+    counted = metrics.route(route, request.method)
+    counted.in_progress.inc()
     status = 500
     try:
         response = await handler(request)
@@ -40,9 +40,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        in_progress.dec()
-        metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+        counted.in_progress.dec()
+        counted.answered(status, time.perf_counter() - started)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -289,21 +289,21 @@ async def _output_wait(request: web.Request, task: Task, offset: int, limit: int
     key = (task.id, offset, limit, task.version, bus.seq, ready)
 
     async def make() -> tuple[bytes, bool]:
-        text = answers.text(task.id, OUTPUT_LIMIT)
         # What is read from the file or escaped for this answer alone (an empty answer, the
         # wait's end, costs nothing; output other answers escaped is a join).
         end = min(offset + limit, task.output.size)
+        text = answers.text(task.id, OUTPUT_LIMIT)
         cost = end - offset if offset < task.output.tail_start else text.cost(offset, end)
         if ready and cost:
             await answers.made.spend(cost)
-        body = await _output_answer(task, offset, limit, ready, bus.seq, text)
+        body = await _output_answer(task, offset, limit, ready, bus.seq, answers)
         return body, key[3:5] == (task.version, bus.seq)  # not moved on meanwhile (a read from the file)
 
     return await answers.made_once(key, make)
 
 
 async def _output_answer(
-    task: Task, offset: int, limit: int, ready: bool, seq: int, text: fanout.JsonText
+    task: Task, offset: int, limit: int, ready: bool, seq: int, answers: fanout.Messages[bytes]
 ) -> bytes:
     data = await task.output.read(offset, limit) if ready else b""
     if not task.status.ended and b"\n" in data:
@@ -312,18 +312,23 @@ async def _output_answer(
         data = complete_chars(data)  # a line longer than an answer: cut between characters
     next_offset = offset + len(data)
     complete = task.status.ended and next_offset >= task.output.size
-    rest = {
-        "offset": offset,
-        "nextOffset": next_offset,
-        "size": task.output.size,
-        "complete": complete,
-        "task": summary(task),
-        "seq": seq,
-    }
-    # As json.dumps would write it all, with the output escaped once for every follower.
+
+    def same_for_all() -> bytes:
+        rest = {"size": task.output.size, "complete": complete, "task": summary(task), "seq": seq}
+        return json.dumps(rest)[1:].encode()
+
+    # As json.dumps would write it all; the output is escaped once for every follower, and
+    # what follows its offsets made once for all while the task stays as it is.
     changed = b"true" if data or complete else b"false"
-    output = text.escaped(offset, data) if data else b""
-    return b'{"changed": %s, "output": "%s", %s' % (changed, output, json.dumps(rest)[1:].encode())
+    output = answers.text(task.id, OUTPUT_LIMIT).escaped(offset, data) if data else b""
+    rest = answers.last((task.id, task.version, seq, complete), same_for_all)
+    return b'{"changed": %s, "output": "%s", "offset": %d, "nextOffset": %d, %s' % (
+        changed,
+        output,
+        offset,
+        next_offset,
+        rest,
+    )
 
 
 async def task_state(request: web.Request) -> web.Response:
