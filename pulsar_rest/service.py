@@ -208,7 +208,8 @@ class TaskService:
 
     async def find(self, task_id: int) -> Task | None:
         """The task, or None if there is none (it may have been pruned)."""
-        return (await self.find_many((task_id,))).get(task_id)
+        task = self._known(task_id)  # (the followers of a task ask for it many times a second)
+        return task if task is not None else (await self.find_many((task_id,))).get(task_id)
 
     async def find_many(self, task_ids: Iterable[int]) -> dict[int, Task]:
         """The tasks of these ids that there are (some may have been pruned), by id. A task

@@ -13,11 +13,10 @@ each. A follower that lags behind reads its own ranges, in large pieces.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable
 from json.encoder import encode_basestring_ascii
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pulsar_rest.memory import Quiet, Trim
 
@@ -191,18 +190,19 @@ class Messages(Generic[V]):
                 self._made.popitem(last=False)
         return message
 
-    @contextlib.contextmanager
-    def following(self, task_id: int) -> Iterator[None]:
+    def following(self, task_id: int) -> _Following:
         """While a follower of the task is here; once the last has gone (for a quarter of
         a second: a long-poll follower comes back), its messages and text go."""
+        return _Following(self, task_id)
+
+    def _arrived(self, task_id: int) -> None:
         self._followers[task_id] += 1
-        try:
-            yield
-        finally:
-            self._followers[task_id] -= 1
-            if not self._followers[task_id]:
-                del self._followers[task_id]
-                self._unfollowed.soon()
+
+    def _left(self, task_id: int) -> None:
+        self._followers[task_id] -= 1
+        if not self._followers[task_id]:
+            del self._followers[task_id]
+            self._unfollowed.soon()
 
     def _forget_unfollowed(self) -> None:
         gone = [key for key in self._made if key[0] not in self._followers]
@@ -213,3 +213,17 @@ class Messages(Generic[V]):
                 del kept[task_id]
         if gone:
             self._trim.soon()  # what they were sent was held in big buffers
+
+
+class _Following:
+    # A class, not a generator made a context manager: a follower's every ask goes through it.
+    __slots__ = ("_messages", "_task_id")
+
+    def __init__(self, messages: Messages[Any], task_id: int) -> None:
+        self._messages, self._task_id = messages, task_id
+
+    def __enter__(self) -> None:
+        self._messages._arrived(self._task_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self._messages._left(self._task_id)
