@@ -3,11 +3,13 @@
 Followers of a running task (`/task/:id/stream`, `/task/:id/output?offset=`) are woken by
 each piece of output the task writes. Woken for every piece and each making its own answer,
 200 followers of a task writing 1 MB/s spent the event loop's time encoding the same bytes
-200 times, read the task's pipe late, and so slowed the deploy itself. Instead, a follower
-woken by output waits for the next tick of a shared clock (every TICK seconds): followers
-woken by the same output wake in the same turn of the loop, at the same offset, and the
-message for that range is encoded once (a small cache of recent messages) and written to
-each. A follower that lags behind reads its own ranges, in large pieces.
+200 times, read the task's pipe late, and so slowed the deploy itself. Instead, a stream's
+follower woken by output waits for the next tick of a shared clock (every TICK seconds):
+followers woken by the same output wake in the same turn of the loop, at the same offset,
+and the message for that range is encoded once (a small cache of recent messages) and
+written to each. A follower that lags behind reads its own ranges, in large pieces.
+Long-poll followers ask from scattered offsets: what their answers share is the output,
+escaped once for all of them (JsonText).
 """
 
 from __future__ import annotations

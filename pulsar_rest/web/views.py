@@ -279,12 +279,13 @@ async def _output_from(
 async def _output_wait(request: web.Request, task: Task, offset: int, limit: int, timeout: float) -> bytes:
     """The answer of a long-poll for the output from `offset`, once there is some."""
     bus, answers = request.app[BUS], request.app[OUTPUT_ANSWERS]
+    # Answered as soon as there is output, without waiting for the fan-out's tick as a
+    # stream does: the followers that waited are woken together by the same output anyway,
+    # and a long-poll follower's next ask paces it (with 1,000 of them, the tick's wait made
+    # the answers come in bursts: lag p99 280-316 ms against 248-249 without).
     ready = _output_ready(task, offset, limit)
-    waited = not ready
-    if waited:
+    if not ready:
         ready = await bus.wait_for(task_topic(task.id), lambda: _output_ready(task, offset, limit), timeout)
-    if waited and ready and not task.status.ended:
-        await fanout.tick()  # with the other followers woken by the same output
     # The answer is made once for every follower that asks the same of the task as it is.
     key = (task.id, offset, limit, task.version, bus.seq, ready)
 
