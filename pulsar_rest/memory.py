@@ -45,18 +45,18 @@ def one_arena() -> None:
         mallopt(_M_ARENA_MAX, 1)
 
 
-class Quiet:
-    """Calls `action` once `delay` has passed since the last call of soon(): once after a
-    burst of calls, not once a call."""
+class Trim:
+    """A trim of the C allocator's heaps, DELAY after the last time one was asked for."""
 
-    def __init__(self, action: Callable[[], object], delay: float = DELAY) -> None:
-        self._action = action
+    def __init__(self, delay: float = DELAY) -> None:
         self._delay = delay
         self._asked = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     def soon(self) -> None:
         # Called as each long-poll ends: a time noted, and a timer only if none is set.
+        if _MALLOC_TRIM is None:
+            return
         loop = asyncio.get_running_loop()
         self._asked = loop.time()
         if self._timer is None:
@@ -68,20 +68,6 @@ class Quiet:
             self._timer = loop.call_later(self._delay - quiet, self._run, loop)
             return
         self._timer = None
-        self._action()
-
-
-class Trim(Quiet):
-    """A trim of the C allocator's heaps, DELAY after the last time one was asked for."""
-
-    def __init__(self, delay: float = DELAY) -> None:
-        super().__init__(self._trim, delay)
-
-    def soon(self) -> None:
-        if _MALLOC_TRIM is not None:
-            super().soon()
-
-    def _trim(self) -> None:
         if _MALLOC_TRIM is not None:
             # In a thread: a trim walks the heaps, and the call releases the GIL meanwhile.
-            asyncio.get_running_loop().run_in_executor(None, _MALLOC_TRIM, 0)
+            loop.run_in_executor(None, _MALLOC_TRIM, 0)

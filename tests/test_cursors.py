@@ -163,9 +163,10 @@ async def test_output_answers_are_written_as_json_dumps_writes_them(client: Clie
     coloured = (await create(client, "pulsar_fail"))["id"]  # escape codes
     await finished(client, coloured)
     running = (await create(client, "utf8[json]", app="json"))["id"]
+    await follow(client, running, lambda task: task["outputSize"] >= 6)  # "start " (half of "é" waits)
     fields = ["changed", "output", "offset", "nextOffset", "size", "complete", "task", "seq"]
-    # Offset 6 is inside "é", as a client may ask; the running task has 7 bytes yet.
-    phases = [(coloured, (0, 6, 8)), (running, (0, 6)), (running, (0, 6, 8))]
+    # "é" is bytes 6 and 7 of the log: offset 7 is inside it, as a client may ask.
+    phases = [(coloured, (0, 7, 8)), (running, (0, 6)), (running, (0, 7, 8))]
     for phase, (task_id, offsets) in enumerate(phases):
         if phase == 2:
             release(gates, "json")

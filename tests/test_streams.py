@@ -832,7 +832,34 @@ def test_output_escaped_once_for_all_followers_is_what_json_would_write(
     assert text.cost(start, len(log)) == 0  # a join of pieces
     assert text.cost(start, len(log) + 100) == 100  # and output no answer held yet
     assert text.cost(start + 1, len(log)) == len(log) - start - 1  # from no piece's start
+    assert text.cost(start, len(log) - 1) == len(log) - 1 - start  # to inside a piece: escaped alone
     assert text._starts[0] > 0 and len(log) - text._starts[0] < 3 * 2000  # what is far behind has gone
+
+
+def test_escaped_output_is_not_cut_inside_a_character() -> None:
+    # An answer may end inside a character (one cut by its limit, the end of a stream's
+    # chunk): the next answer over that point still has the character whole.
+    text = fanout.JsonText(keep=100)
+    whole = "abcé\n".encode()
+    assert text.escaped(0, whole[:4]) == b"abc\\ufffd"
+    assert text.escaped(0, whole) == b"abc\\u00e9\\n"
+
+
+async def test_a_task_s_text_goes_while_another_task_is_followed() -> None:
+    """Each task's messages and text go a while after its own last follower left, however
+    often another task's long-poll followers come and go."""
+    messages: fanout.Messages[bytes] = fanout.Messages(fanout.Budget(100), fanout.Budget(100))
+    with messages.following(2):
+        left = messages.text(2, 10)
+    busy = messages.text(1, 10)
+
+    def asked_again() -> bool:
+        with messages.following(1):  # a long-poll of task 1: here only while it asks
+            pass
+        return messages._texts.get(2) is not left
+
+    await eventually(asked_again, what="task 2's text gone")
+    assert messages.text(1, 10) is busy
 
 
 async def test_followers_that_ask_at_once_for_a_message_have_it_made_once() -> None:

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from json.encoder import encode_basestring_ascii
 from typing import Any, Generic, TypeVar
 
-from pulsar_rest.memory import Quiet, Trim
+from pulsar_rest.memory import DELAY, Trim
+from pulsar_rest.output import complete_chars
 
 # The fan-out clock: the most a follower's message is held back to be shared (the lag it
 # adds), and the fewest messages a second a follower gets while output flows.
@@ -93,7 +94,8 @@ class JsonText:
         end = offset + len(data)
         if self._frontier < 0 or offset > self._frontier:
             self._restart(offset)
-        if end > self._frontier:
+        if end > self._frontier and len(complete_chars(data)) == len(data):
+            # (A piece ends where a character does: joined to the next, it stays whole.)
             self._add(data[self._frontier - offset :])
         first, last = self._index.get(offset), self._index.get(end)
         if first is None or last is None:
@@ -103,9 +105,11 @@ class JsonText:
         return b"".join(self._pieces[first:last])
 
     def cost(self, offset: int, end: int) -> int:
-        """How many bytes an answer from `offset` to about `end` would escape."""
-        if offset in self._index:
-            return max(0, end - self._frontier)
+        """How many bytes an answer from `offset` to about `end` would escape: what is new
+        if it reaches the frontier from a piece's start, else all of it (its end, cut at a
+        line, is then rarely a piece's)."""
+        if offset in self._index and end >= self._frontier:
+            return end - self._frontier
         return end - offset
 
     def _restart(self, offset: int) -> None:
@@ -143,8 +147,10 @@ class Messages(Generic[V]):
         self._texts: dict[Hashable, JsonText] = {}
         self._lasts: dict[Hashable, tuple[Key, bytes]] = {}
         # A long-poll follower is here only while it asks: its task's messages and text stay
-        # for the next ask, and go once no follower has asked for a while.
-        self._unfollowed = Quiet(self._forget_unfollowed)
+        # for its next ask, and go DELAY after the task's last follower left (when it did,
+        # by task: a busy task's followers never put off another's).
+        self._unfollowed: dict[Hashable, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._trim = Trim()
 
     def text(self, task_id: Hashable, keep: int) -> JsonText:
@@ -204,15 +210,30 @@ class Messages(Generic[V]):
         self._followers[task_id] -= 1
         if not self._followers[task_id]:
             del self._followers[task_id]
-            self._unfollowed.soon()
+            loop = asyncio.get_running_loop()
+            self._unfollowed[task_id] = loop.time()
+            if self._sweep is None:
+                self._sweep = loop.call_later(DELAY, self._forget_unfollowed, loop)
 
-    def _forget_unfollowed(self) -> None:
-        gone = [key for key in self._made if key[0] not in self._followers]
+    def _forget_unfollowed(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        now = loop.time()
+        left = []
+        for task_id, at in list(self._unfollowed.items()):
+            if task_id in self._followers:
+                del self._unfollowed[task_id]  # followed again
+            elif now - at >= DELAY:
+                del self._unfollowed[task_id]
+                left.append(task_id)
+        if self._unfollowed:
+            first = min(self._unfollowed.values())
+            self._sweep = loop.call_later(first + DELAY - now, self._forget_unfollowed, loop)
+        gone = [key for key in self._made if key[0] in left]
         for key in gone:
             del self._made[key]
-        for kept in (self._texts, self._lasts):
-            for task_id in [task_id for task_id in kept if task_id not in self._followers]:
-                del kept[task_id]
+        for task_id in left:
+            self._texts.pop(task_id, None)
+            self._lasts.pop(task_id, None)
         if gone:
             self._trim.soon()  # what they were sent was held in big buffers
 
