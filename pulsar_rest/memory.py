@@ -40,9 +40,8 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter
 def one_arena() -> None:
     """Every thread started from now on allocates from the main arena, which
     malloc_trim() returns whole (glibc only; elsewhere nothing changes)."""
-    mallopt = getattr(_LIBC, "mallopt", None) if _MALLOC_TRIM is not None else None
-    if mallopt is not None:
-        mallopt(_M_ARENA_MAX, 1)
+    if _LIBC is not None and _MALLOC_TRIM is not None:  # glibc
+        _LIBC.mallopt(_M_ARENA_MAX, 1)
 
 
 class Trim:

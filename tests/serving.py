@@ -58,10 +58,12 @@ def listening_port(log: Path, proc: subprocess.Popen[str], scheme: str = "http")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def call(
+    url: str, body: dict[str, Any] | None = None, opener: urllib.request.OpenerDirector = OPENER
+) -> dict[str, Any]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with OPENER.open(request, timeout=TIMEOUT) as resp:
+    with opener.open(request, timeout=TIMEOUT) as resp:
         assert resp.status == 200
         answer: dict[str, Any] = json.load(resp)
     return answer

@@ -313,12 +313,7 @@ def test_three_instances_behind_nginx_answer_one_client_as_one_server(
         )
 
         def through(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-            data = None if body is None else json.dumps(body).encode()
-            request = urllib.request.Request(f"https://127.0.0.1:{https}{path}", data=data,
-                                             headers={"Content-Type": "application/json"})  # fmt: skip
-            with opener.open(request, timeout=TIMEOUT) as resp:
-                answer: dict[str, Any] = json.load(resp)
-            return answer
+            return call(f"https://127.0.0.1:{https}{path}", body, opener)
 
         since = through("/status")["seq"]
         # 100-byte lines at 50 KB/s for 2 s: the instance running it is up to 0.1 s ahead

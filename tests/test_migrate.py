@@ -15,7 +15,7 @@ from pulsar_rest.pgstore import PgTokenAdmin
 from pulsar_rest.settings import Settings
 from pulsar_rest.store import SqliteStore, TokenAdmin
 from pulsar_rest.tasks import Task, TaskStatus
-from tests.conftest import ClientFactory, create, finished, get_json
+from tests.conftest import ClientFactory, create, finished, follow, get_json
 from tests.serving import ROOT, TIMEOUT, command, environ, listening_port
 
 KEPT = (
@@ -139,10 +139,7 @@ async def test_a_migrated_task_a_crash_left_unfinished_is_interrupted_once(
     here = await asyncio.gather(
         *(make_client(database=postgres_dsn, data_dir=settings.data_dir.parent / name) for name in "bc")
     )
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    while (await get_json(here[0], "/task/1"))["status"] != "interrupted":
-        assert asyncio.get_running_loop().time() < deadline, "the migrated task was never interrupted"
-        await asyncio.sleep(0.05)  # the others' sweep comes once a second: a pace, not a synchronisation
+    await follow(here[0], 1, lambda task: task["status"] == "interrupted", TIMEOUT)  # the others' sweep
     conn = await psycopg.AsyncConnection.connect(postgres_dsn)
     async with conn:
         changes = await (await conn.execute("SELECT status FROM events WHERE task_id = 1")).fetchall()

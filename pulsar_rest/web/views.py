@@ -297,14 +297,20 @@ async def _output_wait(request: web.Request, task: Task, offset: int, limit: int
         cost = end - offset if offset < task.output.tail_start else text.cost(offset, end)
         if ready and cost:
             await answers.made.spend(cost)
-        body = await _output_answer(task, offset, limit, ready, bus.seq, answers)
+        body = await _output_answer(task, offset, limit, ready, bus.seq, answers, text)
         return body, key[3:5] == (task.version, bus.seq)  # not moved on meanwhile (a read from the file)
 
     return await answers.made_once(key, make)
 
 
 async def _output_answer(
-    task: Task, offset: int, limit: int, ready: bool, seq: int, answers: fanout.Messages[bytes]
+    task: Task,
+    offset: int,
+    limit: int,
+    ready: bool,
+    seq: int,
+    answers: fanout.Messages[bytes],
+    text: fanout.JsonText,
 ) -> bytes:
     data = await task.output.read(offset, limit) if ready else b""
     if not task.status.ended and b"\n" in data:
@@ -321,7 +327,7 @@ async def _output_answer(
     # As json.dumps would write it all; the output is escaped once for every follower, and
     # what follows its offsets made once for all while the task stays as it is.
     changed = b"true" if data or complete else b"false"
-    output = answers.text(task.id, OUTPUT_LIMIT).escaped(offset, data) if data else b""
+    output = text.escaped(offset, data) if data else b""
     rest = answers.last((task.id, task.version, seq, complete), same_for_all)
     return b'{"changed": %s, "output": "%s", "offset": %d, "nextOffset": %d, %s' % (
         changed,
