@@ -845,9 +845,11 @@ def test_escaped_output_is_not_cut_inside_a_character() -> None:
     assert text.escaped(0, whole) == b"abc\\u00e9\\n"
 
 
-async def test_a_task_s_text_goes_while_another_task_is_followed() -> None:
+async def test_a_task_s_text_goes_while_another_task_is_followed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each task's messages and text go a while after its own last follower left, however
     often another task's long-poll followers come and go."""
+    # A second: task 1's text is dropped only if the loop stalls that long between two asks.
+    monkeypatch.setattr(fanout, "DELAY", 1.0)
     messages: fanout.Messages[bytes] = fanout.Messages(fanout.Budget(100), fanout.Budget(100))
     with messages.following(2):
         left = messages.text(2, 10)
