@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pulsar_rest.turns import TurnBatch, run_then
+
 log = logging.getLogger(__name__)
 
 # What a running task keeps in memory, and what a task shows as `output` in its JSON. An
@@ -53,6 +55,7 @@ def complete_chars(data: bytes) -> bytes:
 
 
 _Outcome = tuple[object, BaseException | None]  # a job's result, or its error
+_Then = Callable[[object, BaseException | None], None]  # told a job's outcome, on the loop
 
 
 class LogWriter:
@@ -63,49 +66,50 @@ class LogWriter:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-log")
-        self._pending: list[tuple[Callable[..., object], tuple[object, ...], asyncio.Future[object]]] = []
+        self._jobs: TurnBatch[tuple[Callable[[], object], _Then]] = TurnBatch(self._run)
 
     def submit(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
-        loop = asyncio.get_running_loop()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        done: asyncio.Future[object] = loop.create_future()
-        self._pending.append((fn, args, done))
+        """Run `fn(*args)` in the thread after what was asked before; its result."""
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        def then(result: object, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        self.post(then, fn, *args)
         return done
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        ran = self._pool.submit(_run_all, [(fn, args) for fn, args, _ in batch])
+    def post(self, then: _Then, fn: Callable[..., object], *args: object) -> None:
+        """Run `fn(*args)` in the thread after what was asked before, then
+        `then(result, error)` on the event loop."""
+        self._jobs.add((functools.partial(fn, *args), then))
 
-        def tell(results: asyncio.Future[list[_Outcome]]) -> None:
-            for (_, _, done), (result, error) in zip(batch, results.result(), strict=True):
-                if done.done():
-                    continue
-                if error is not None:
-                    done.set_exception(error)
-                else:
-                    done.set_result(result)
+    def _run(self, batch: list[tuple[Callable[[], object], _Then]]) -> None:
+        def tell(outcomes: list[_Outcome] | None, error: BaseException | None) -> None:
+            assert outcomes is not None, error  # _run_all keeps each job's error
+            for (_, then), outcome in zip(batch, outcomes, strict=True):
+                then(*outcome)
 
-        asyncio.wrap_future(ran).add_done_callback(tell)
+        run_then(self._pool, functools.partial(_run_all, [job for job, _ in batch]), tell)
 
     def close(self) -> None:
-        self._flush()
+        self._jobs.flush()
         self._pool.shutdown(wait=True)
 
 
-def _run_all(
-    jobs: list[tuple[Callable[..., object], tuple[object, ...]]],
-) -> list[tuple[object, BaseException | None]]:
+def _run_all(jobs: list[Callable[[], object]]) -> list[_Outcome]:
     """Each job's result or error, in order (one failing leaves the others)."""
-    results: list[tuple[object, BaseException | None]] = []
-    for fn, args in jobs:
+    outcomes: list[_Outcome] = []
+    for job in jobs:
         try:
-            results.append((fn(*args), None))
+            outcomes.append((job(), None))
         except Exception as exc:
-            results.append((None, exc))
-    return results
+            outcomes.append((None, exc))
+    return outcomes
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -221,9 +225,7 @@ class OutputLog:
         keep = max(self._tail_limit, self.backlog)
         if len(self._tail) > 2 * keep:
             del self._tail[: len(self._tail) - keep]
-        self._writer.submit(self._write_file, data).add_done_callback(
-            functools.partial(self._written, len(data))
-        )
+        self._writer.post(functools.partial(self._written, len(data)), self._write_file, data)
         return len(data)
 
     def _write_file(self, data: bytes) -> None:
@@ -236,10 +238,10 @@ class OutputLog:
             os.close(self._fd)
             self._fd = None
 
-    def _written(self, count: int, done: asyncio.Future[object]) -> None:
+    def _written(self, count: int, _: object, error: BaseException | None) -> None:
         self.backlog -= count
-        if not done.cancelled() and done.exception() is not None and self.error is None:
-            self.error = done.exception()  # type: ignore[assignment]
+        if error is not None and self.error is None:
+            self.error = error if isinstance(error, OSError) else OSError(str(error))
             log.error("cannot write %s: %s", self.path, self.error)
         # Counted as in the file even if the write failed: offsets stay consistent with what
         # memory holds, and the failure is logged once.

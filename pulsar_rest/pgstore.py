@@ -38,11 +38,11 @@ from pulsar_rest.store import (
     StoreError,
     TaskFilter,
     TokenExists,
-    TurnBatch,
     fields_of,
     task_from,
 )
 from pulsar_rest.tasks import Task, TaskStatus, utcnow
+from pulsar_rest.turns import TurnBatch
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ so a page costs the same whether the history holds a thousand tasks or a million
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pulsar_rest.audit import AuditAction, AuditRecord
 from pulsar_rest.auth.grants import Role
@@ -30,6 +31,7 @@ from pulsar_rest.events import Event
 from pulsar_rest.names import check_name
 from pulsar_rest.output import LogWriter, OutputLog
 from pulsar_rest.tasks import Task, TaskStatus, utcnow
+from pulsar_rest.turns import TurnBatch, run_then
 
 log = logging.getLogger(__name__)
 
@@ -316,29 +318,6 @@ def _time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
-W = TypeVar("W")
-
-
-class TurnBatch(Generic[W]):
-    """The writes asked for in one turn of the event loop, handed over together at its end
-    (or before a read, which must see them): a burst of tasks costs one transaction of the
-    database, not one each."""
-
-    def __init__(self, write: Callable[[list[W]], None]) -> None:
-        self._write = write
-        self._pending: list[W] = []
-
-    def add(self, item: W) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._pending.append(item)
-
-    def flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            self._write(batch)
-
-
 def _log_name(task_id: int, stdout: bool) -> str:
     return f"{task_id}.stdout.log" if stdout else f"{task_id}.log"
 
@@ -461,25 +440,23 @@ class SqliteStore:
         self._writes.add((statement, values, done))
 
     def _write_batch(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]) -> None:
-        written = self._thread.submit(self._write, [(statement, values) for statement, values, _ in batch])
         waiting = [(index, done) for index, (_, _, done) in enumerate(batch) if done is not None]
-        if not waiting:
-            written.add_done_callback(_log_failure)  # in its thread: nothing to wake here
-            return
 
-        def tell(result: asyncio.Future[list[sqlite3.Error | None]]) -> None:
-            failed = result.exception()
+        def tell(errors: list[sqlite3.Error | None] | None, failed: BaseException | None) -> None:
+            if failed is not None and not waiting:
+                log.error("cannot write to %s", DB_NAME, exc_info=failed)  # nobody else to tell
             for index, done in waiting:
                 if done.done():
                     continue  # its caller has given up
                 if failed is not None:
                     done.set_exception(failed)
-                elif (error := result.result()[index]) is not None:
+                elif errors is not None and (error := errors[index]) is not None:
                     done.set_exception(error)
                 else:
                     done.set_result(None)
 
-        asyncio.wrap_future(written).add_done_callback(tell)
+        writes = [(statement, values) for statement, values, _ in batch]
+        run_then(self._thread, functools.partial(self._write, writes), tell)
 
     def _write(self, writes: list[tuple[str, tuple[Any, ...]]]) -> list[sqlite3.Error | None]:
         """The writes in one transaction; each one's error, if it failed (the others stay)."""
@@ -802,11 +779,6 @@ class SqliteStore:
             self._db = None
         self._thread.shutdown(wait=True)
         self.logs.close()
-
-
-def _log_failure(done: Any) -> None:
-    if done.exception() is not None:
-        log.error("cannot write to %s", DB_NAME, exc_info=done.exception())
 
 
 def _find_token(db: sqlite3.Connection, token_digest: str) -> ApiToken | None:

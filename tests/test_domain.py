@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
@@ -15,6 +16,7 @@ from pulsar_rest.events import CursorGone, EventBus, EventKind, created_topic, s
 from pulsar_rest.names import InvalidName, check_action, check_name
 from pulsar_rest.output import LogWriter, OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
+from pulsar_rest.turns import run_then
 from tests.conftest import eventually
 
 
@@ -116,6 +118,44 @@ async def test_output_keeps_in_memory_what_the_file_does_not_hold_yet(tmp_path: 
     await out.close()
     assert (tmp_path / "out.log").read_bytes() == data
     stalled.close()
+
+
+async def test_a_thread_s_outcome_comes_back_in_the_next_turn_of_the_loop() -> None:
+    """Under load a turn of the loop is long (a thousand followers' answers): what a thread
+    did reaches the loop one turn after it returned, not three as through a future."""
+    turns = 0
+    running = True
+
+    def turn() -> None:  # counts the loop's turns: one call each
+        nonlocal turns
+        turns += 1
+        if running:
+            asyncio.get_running_loop().call_soon(turn)
+
+    turn()
+    told: asyncio.Future[list[tuple[object, BaseException | None, int]]] = asyncio.Future()
+    outcomes: list[tuple[object, BaseException | None, int]] = []
+    returned_at: list[int] = []
+
+    def job(fail: bool) -> str:
+        returned_at.append(turns)  # read from the thread: the loop's count as it returns
+        if fail:
+            raise OSError("disk full")
+        return "done"
+
+    def then(result: object, error: BaseException | None) -> None:
+        assert threading.current_thread() is threading.main_thread()
+        outcomes.append((result, error, turns))
+        if len(outcomes) == 2:
+            told.set_result(outcomes)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        run_then(pool, lambda: job(False), then)
+        run_then(pool, lambda: job(True), then)
+        (result, error, ok_turn), (none, failure, failed_turn) = await asyncio.wait_for(told, 10)
+    running = False
+    assert (result, error, none) == ("done", None, None) and isinstance(failure, OSError)
+    assert ok_turn - returned_at[0] <= 1 and failed_turn - returned_at[1] <= 1
 
 
 @pytest.mark.parametrize("text", ["a", "é", "€", "😀", "aé€😀"])
