@@ -152,14 +152,17 @@ class OutputLog:
         self._closed = writer is None
         self._drain_waiters: list[asyncio.Future[None]] = []
         # Bytes in the file: all that readers see. A byte is shown to nobody before it is in
-        # the file, so whatever a client was shown survives a crash of the server.
+        # the file, so whatever a client was shown survives a crash of the server. The
+        # writer's thread counts them as it writes them (the only one that changes it while
+        # the log is written): a follower's answer has them then, not a turn of the loop
+        # later, and under load a turn is long.
         if writer is not None:
             self.size = 0
         elif size is not None:
             self.size = size
         else:
             self.size = self.path.stat().st_size if self.path.exists() else 0
-        self.backlog = 0  # bytes taken in, not yet in the file
+        self._taken = self.size  # bytes taken in (by the event loop): the file's, and the backlog
         self.error: OSError | None = None  # the first write error, if the disk failed us
         # Called (on the event loop) with the count of bytes that reached the file.
         self.on_written: Callable[[int], None] | None = None
@@ -218,7 +221,7 @@ class OutputLog:
             return 0
         if self._closed or self._writer is None:
             raise ValueError(f"{self.path} is closed")
-        self.backlog += len(data)
+        self._taken += len(data)
         self._tail += data
         # Trim in large steps (the copy is paid once per tail_limit bytes), never dropping
         # what the file does not hold yet: older offsets are read from the file.
@@ -229,9 +232,15 @@ class OutputLog:
         return len(data)
 
     def _write_file(self, data: bytes) -> None:
-        if self._fd is None:  # the first write makes the file (an older one went in __init__)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        _write_all(self._fd, data)
+        """In the writer's thread."""
+        try:
+            if self._fd is None:  # the first write makes the file (an older one went in __init__)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            _write_all(self._fd, data)
+        finally:
+            # Counted as in the file even if the write failed: offsets stay consistent with
+            # what memory holds, and the failure is logged once (in _written).
+            self.size += len(data)
 
     def _close_file(self) -> None:
         if self._fd is not None:
@@ -239,13 +248,9 @@ class OutputLog:
             self._fd = None
 
     def _written(self, count: int, _: object, error: BaseException | None) -> None:
-        self.backlog -= count
         if error is not None and self.error is None:
             self.error = error if isinstance(error, OSError) else OSError(str(error))
             log.error("cannot write %s: %s", self.path, self.error)
-        # Counted as in the file even if the write failed: offsets stay consistent with what
-        # memory holds, and the failure is logged once.
-        self.size += count
         if self.on_written is not None:
             self.on_written(count)
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -254,9 +259,15 @@ class OutputLog:
                 waiter.set_result(None)
 
     @property
+    def backlog(self) -> int:
+        """Bytes taken in, not yet in the file."""
+        return self._taken - self.size if self._writer is not None else 0
+
+    @property
     def tail_start(self) -> int:
         """Offset of the first byte still in memory (memory also holds the backlog)."""
-        return self.size + self.backlog - len(self._tail)
+        # A log that is not written here grows by its size alone (another instance's task).
+        return (self._taken if self._writer is not None else self.size) - len(self._tail)
 
     async def tail(self, limit: int = TAIL_LIMIT) -> tuple[int, str]:
         """The offset and text of (about) the last `limit` bytes, whole characters only."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,6 +119,27 @@ async def test_output_keeps_in_memory_what_the_file_does_not_hold_yet(tmp_path: 
     await out.close()
     assert (tmp_path / "out.log").read_bytes() == data
     stalled.close()
+
+
+async def test_output_is_shown_once_in_the_file_before_the_loop_hears_of_it(
+    tmp_path: Path, writer: LogWriter
+) -> None:
+    """A follower's answer holds what the file holds as it is made, even in a long turn of
+    the loop (1,000 followers' answers): the writer's thread counts what it wrote."""
+    out = OutputLog(tmp_path / "out.log", writer)
+    told: list[int] = []
+    out.on_written = told.append
+    out.feed(b"line 1\n")
+    await asyncio.sleep(0)  # the turn ends: the write goes to the thread
+    # The loop held from here on, as by a long turn: no callback of the thread's runs.
+    deadline = time.monotonic() + 10
+    while out.size < 7 and time.monotonic() < deadline:
+        time.sleep(0.001)  # noqa: ASYNC251 -- holding the loop is the point
+    assert (out.size, out.backlog, await out.read(0, 100)) == (7, 0, b"line 1\n")
+    assert (tmp_path / "out.log").read_bytes() == b"line 1\n"
+    assert told == []  # its waiters are woken in the next turn
+    await eventually(lambda: told == [7])
+    await out.close()
 
 
 async def test_a_thread_s_outcome_comes_back_in_the_next_turn_of_the_loop() -> None:
