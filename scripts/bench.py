@@ -520,7 +520,7 @@ async def fan_out(quick: bool) -> None:
                 alone[asked] = (await paced_task(srv, asked, seconds, kind, 0))[0]
             before = srv.rss()
             peak = RssPeak(srv)
-            real, lags, live, problems = await paced_task(srv, asked, seconds, kind, followers)
+            real, lags, catch_ups, problems = await paced_task(srv, asked, seconds, kind, followers)
             top = peak.stop()
             # Once the followers have gone and what they held was given back: the RSS is read
             # until it is back within the target of the start, for 5 s at most.
@@ -539,10 +539,7 @@ async def fan_out(quick: bool) -> None:
             lag_target = (followers == 200 and asked == 1_000_000) or (followers == 1000 and asked == 100_000)
             row(name, "lag", percentiles(lags) if lags else "none received",
                 "p99 < 250 ms" if lag_target else "", p99 < 0.25 if lag_target else None)  # fmt: skip
-            # The same, of the lines written once the follower had joined: without the
-            # catch-up of what the task wrote before (the followers start after the task).
-            row(name, "lag of lines written after the follower joined",
-                percentiles(live) if live else "none received")  # fmt: skip
+            row(name, "catch-up of a late join", percentiles(catch_ups) if catch_ups else "none")
             memory = (
                 f"{top / MiB:.0f} MiB, {after / MiB:.0f} MiB after {settled:.1f} s (start {before / MiB:.0f})"
             )
@@ -556,8 +553,8 @@ async def paced_task(
     srv: Server, rate: int, seconds: float, kind: str, followers: int
 ) -> tuple[float, list[float], list[float], list[str]]:
     """Run a task writing `rate` bytes a second for `seconds` with `followers` following it;
-    its real rate, the followers' lags (all, and of the lines written after each joined),
-    and what went wrong."""
+    its real rate, the followers' lags and catch-ups (see follower_client), and what went
+    wrong."""
     async with aiohttp.ClientSession() as session:
         app = f"fan-{time.monotonic_ns()}"
         task = (await api(session, srv, "POST", f"/{app}/prod", json={"action": f"paced[{rate},{seconds}]"}))[
@@ -578,7 +575,7 @@ async def paced_task(
     wrote = re.search(r"wrote (\d+) bytes in ([\d.]+) s, ([\d.]+) s of it in writes", ended["output"])
     assert wrote, ended["output"][-300:]
     lags = [lag for result in results for lag in result["lags"]]
-    live = [lag for result in results for lag in result["live"]]
+    catch_ups = [catch_up for result in results for catch_up in result["catch_ups"]]
     problems = [problem for result in results for problem in result["problems"]]
     for result in results:
         for got in result["sizes"]:
@@ -590,21 +587,31 @@ async def paced_task(
     busy = ", ".join(f"{result['busy']:.0%}" for result in results)
     print(f"  ({followers} {kind}: the task's writes waited {waited:.2f} s of {seconds:.1f}; ", end="")
     print(f"clients busy {busy})" if busy else "no client)")
-    return size / seconds, lags, live, problems
+    return size / seconds, lags, catch_ups, problems
 
 
 async def follower_client(port: int, task_id: int, kind: str, count: int) -> None:
     """A client process: `count` followers of the task on raw HTTP, checking that the byte
-    offsets follow each other, and sampling the lag of each message's last line."""
+    offsets follow each other, and sampling the lag of each message's last line.
+
+    The followers start after the task, as people open a deploy's console, so each first
+    gets what the task wrote before it joined. A line written before the join cannot reach
+    the follower sooner than its age at the join, whatever the server does: it is no lag of
+    the server's, and only the lines written after the join are sampled. The catch-up is the
+    time from the join to the first message that carries such a line."""
     lags: list[float] = []
-    live: list[float] = []  # of the lines written after the follower joined
+    catch_ups: list[float] = []
     problems: list[str] = []
     sizes: list[int] = []
 
-    def lag(now: float, stamp: bytes, joined: float) -> None:
-        lags.append(now - float(stamp))
-        if float(stamp) >= joined:
-            live.append(now - float(stamp))
+    def sample(now: float, stamps: list[bytes], joined: float, caught_up: bool) -> bool:
+        """Sample a message's last line; whether the follower has caught up."""
+        if not stamps or float(stamps[-1]) < joined:
+            return caught_up
+        lags.append(now - float(stamps[-1]))
+        if not caught_up:
+            catch_ups.append(now - joined)
+        return True
 
     async def sse() -> None:
         joined = time.time()
@@ -612,7 +619,7 @@ async def follower_client(port: int, task_id: int, kind: str, count: int) -> Non
         # HTTP/1.0: the body is the events as they are, not chunked.
         writer.write(f"GET /task/{task_id}/stream?offset=0 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
         await reader.readuntil(b"\r\n\r\n")
-        buffer, offset = b"", 0
+        buffer, offset, caught_up = b"", 0, False
         while chunk := await reader.read(1 << 20):
             now = time.time()
             buffer += chunk
@@ -625,16 +632,14 @@ async def follower_client(port: int, task_id: int, kind: str, count: int) -> Non
                 if start != offset:
                     problems.append(f"offset {start} after {offset}")
                 offset = int(head.rpartition(b"id: ")[2])
-                stamps = _STAMP.findall(data[-300:])
-                if stamps:
-                    lag(now, stamps[-1], joined)
+                caught_up = sample(now, _STAMP.findall(data[-300:]), joined, caught_up)
         writer.close()
         sizes.append(offset)
 
     async def long_poll() -> None:
         joined = time.time()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        offset = 0
+        offset, caught_up = 0, False
         while True:
             path = f"/task/{task_id}/output?offset={offset}&timeout=30"
             writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
@@ -648,8 +653,7 @@ async def follower_client(port: int, task_id: int, kind: str, count: int) -> Non
                 problems.append(f"offset {start} after {offset}")
             offset = int(re.search(rb'"nextOffset": (\d+)', body).group(1))  # type: ignore[union-attr]
             stamps = _STAMP.findall(body[max(0, body.find(b'"offset"') - 300) : body.find(b'"offset"')])
-            if stamps:
-                lag(now, stamps[-1], joined)
+            caught_up = sample(now, stamps, joined, caught_up)
             if b'"complete": true' in body:
                 break
         writer.close()
@@ -658,7 +662,8 @@ async def follower_client(port: int, task_id: int, kind: str, count: int) -> Non
     started, cpu = time.monotonic(), time.process_time()
     await asyncio.gather(*((sse if kind == "SSE" else long_poll)() for _ in range(count)))
     busy = (time.process_time() - cpu) / (time.monotonic() - started)
-    print(json.dumps({"lags": lags, "live": live, "problems": problems, "sizes": sizes, "busy": busy}))
+    found = {"lags": lags, "catch_ups": catch_ups, "problems": problems, "sizes": sizes, "busy": busy}
+    print(json.dumps(found))
 
 
 async def rate(job: Callable[[], Awaitable[None]], count: int, concurrency: int) -> float:
