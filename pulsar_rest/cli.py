@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-from pulsar_rest import clientcli, logfile, memory, migrate, systemd, tokencli
+from pulsar_rest import clientcli, logfile, memory, migrate, runner, systemd, tokencli
 from pulsar_rest.confrepo import RepoUnavailable
 from pulsar_rest.datadir import DataDirError, DataDirLock
 from pulsar_rest.settings import Settings, SettingsError, load_settings
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in clientcli.COMMANDS:
         return clientcli.main(argv)
     memory.one_arena()  # before the first thread starts
+    runner.reserve_descriptors()  # likewise
     lock: DataDirLock | None = None
     sockets: list[socket.socket] = []
     try:

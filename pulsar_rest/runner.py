@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -35,6 +36,35 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # Poll interval while waiting for processes that are not our children to disappear: they
 # cannot be waited on, only looked at.
 _GONE_POLL = 0.02
+
+
+# The most descriptors the server makes room for at its start (see reserve_descriptors): 512
+# KiB of the kernel's memory for the table.
+RESERVED_DESCRIPTORS = 65536
+
+
+def reserve_descriptors() -> int:
+    """Grow the process's table of file descriptors to the most it may hold (up to
+    RESERVED_DESCRIPTORS) now, before the first thread starts; return its size.
+
+    Each running task holds a few descriptors (its pipes, its pidfd, its log), and the
+    kernel doubles the table as they pass 256, 512, 1,024... In a process of several threads
+    a growth waits for an RCU grace period (`synchronize_rcu()` in `expand_fdtable`), which
+    took 10 to 20 ms here: the create that crossed 512 descriptors (the 120th running task)
+    was the slowest of 200. A table never shrinks, so one growth at the start, with a
+    single thread, is the last."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    size = min(soft, RESERVED_DESCRIPTORS) if soft != resource.RLIM_INFINITY else RESERVED_DESCRIPTORS
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # The lowest free descriptor from size - 1 on: the table grows to hold it, and no
+        # descriptor in use is touched.
+        os.close(fcntl.fcntl(null, fcntl.F_DUPFD_CLOEXEC, size - 1))
+    except OSError:
+        pass  # a smaller table: it grows when needed, as it would have
+    finally:
+        os.close(null)
+    return size
 
 
 class SpawnError(Exception):

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from pulsar_rest import runner
 from tests.conftest import alive
 from tests.serving import ROOT, TIMEOUT, call, command, ended, environ, listening_port, stop, wait_for
 
@@ -220,6 +221,21 @@ def test_serves_a_task_then_stops_on_sigterm(
 
     stop(proc)
     assert log.read_text().rstrip().endswith("stopped")
+
+
+def test_the_table_of_descriptors_is_grown_once_at_the_start(
+    start: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Grown later, with threads, it waits for an RCU grace period (10-20 ms here): the
+    create that crossed 512 descriptors was the slowest of 200."""
+    proc = start()
+    listening_port(tmp_path / "logs" / "pulsar-rest.log", proc)
+    soft, _ = psutil.Process(proc.pid).rlimit(psutil.RLIMIT_NOFILE)
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    size = re.search(r"^FDSize:\s+(\d+)$", status, re.MULTILINE)
+    assert size is not None, status
+    assert int(size.group(1)) >= min(soft, runner.RESERVED_DESCRIPTORS) > 512
+    stop(proc)
 
 
 def test_sigterm_at_once_after_listening(start: Callable[..., subprocess.Popen[str]], tmp_path: Path) -> None:
