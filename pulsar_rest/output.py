@@ -92,7 +92,10 @@ class LogWriter:
         def tell(outcomes: list[_Outcome] | None, error: BaseException | None) -> None:
             assert outcomes is not None, error  # _run_all keeps each job's error
             for (_, then), outcome in zip(batch, outcomes, strict=True):
-                then(*outcome)
+                try:
+                    then(*outcome)
+                except Exception:  # the others of the batch (other tasks' logs) are told still
+                    log.exception("a log's write was done, and what followed it failed")
 
         run_then(self._pool, functools.partial(_run_all, [job for job, _ in batch]), tell)
 
@@ -259,20 +262,28 @@ class OutputLog:
                 waiter.set_result(None)
 
     @property
+    def taken(self) -> int:
+        """Bytes taken in: in the file, or on their way to it."""
+        # A log that is not written here grows by its size alone (another instance's task).
+        return self._taken if self._writer is not None else self.size
+
+    @property
     def backlog(self) -> int:
-        """Bytes taken in, not yet in the file."""
-        return self._taken - self.size if self._writer is not None else 0
+        """Bytes taken in, not yet in the file (the two read one after the other: the
+        writer's thread may count a write in between)."""
+        return self.taken - self.size
 
     @property
     def tail_start(self) -> int:
         """Offset of the first byte still in memory (memory also holds the backlog)."""
-        # A log that is not written here grows by its size alone (another instance's task).
-        return (self._taken if self._writer is not None else self.size) - len(self._tail)
+        return self.taken - len(self._tail)
 
-    async def tail(self, limit: int = TAIL_LIMIT) -> tuple[int, str]:
-        """The offset and text of (about) the last `limit` bytes, whole characters only."""
-        start = max(0, self.size - limit)
-        data = await self.read(start, limit)
+    async def tail(self, limit: int = TAIL_LIMIT, end: int | None = None) -> tuple[int, str]:
+        """The offset and text of (about) the last `limit` bytes before `end` (by default,
+        all there is now), whole characters only."""
+        end = self.size if end is None else end
+        start = max(0, end - limit)
+        data = await self.read(start, end - start)
         skip = _char_start(data)
         return start + skip, data[skip:].decode(errors="replace")
 

@@ -43,9 +43,9 @@ _GONE_POLL = 0.02
 RESERVED_DESCRIPTORS = 65536
 
 
-def reserve_descriptors() -> int:
+def reserve_descriptors() -> None:
     """Grow the process's table of file descriptors to the most it may hold (up to
-    RESERVED_DESCRIPTORS) now, before the first thread starts; return its size.
+    RESERVED_DESCRIPTORS) now, before the first thread starts.
 
     Each running task holds a few descriptors (its pipes, its pidfd, its log), and the
     kernel doubles the table as they pass 256, 512, 1,024... In a process of several threads
@@ -55,16 +55,18 @@ def reserve_descriptors() -> int:
     single thread, is the last."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     size = min(soft, RESERVED_DESCRIPTORS) if soft != resource.RLIM_INFINITY else RESERVED_DESCRIPTORS
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no /dev/null (a bare chroot): the table grows when needed, as it would have
     try:
         # The lowest free descriptor from size - 1 on: the table grows to hold it, and no
         # descriptor in use is touched.
         os.close(fcntl.fcntl(null, fcntl.F_DUPFD_CLOEXEC, size - 1))
     except OSError:
-        pass  # a smaller table: it grows when needed, as it would have
+        pass  # likewise
     finally:
         os.close(null)
-    return size
 
 
 class SpawnError(Exception):

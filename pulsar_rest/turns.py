@@ -44,14 +44,18 @@ def run_then(pool: Executor, fn: Callable[[], T], then: Then[T]) -> None:
     `fn` returned. Through a future it takes three (the copy into an asyncio future, its
     callback, the futures that callback resolves): a write of output reached its followers
     about 30 % later with 1,000 of them."""
-    loop = asyncio.get_running_loop()
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None  # the loop has ended (a close after it): the work is done all the same
 
     def run() -> None:
         try:
             outcome: tuple[T | None, BaseException | None] = (fn(), None)
         except Exception as exc:  # it goes to `then`
             outcome = (None, exc)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody to tell
-            loop.call_soon_threadsafe(then, *outcome)
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody to tell
+                loop.call_soon_threadsafe(then, *outcome)
 
     pool.submit(run)

@@ -18,6 +18,7 @@ from pulsar_rest.names import InvalidName, check_action, check_name
 from pulsar_rest.output import LogWriter, OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
 from pulsar_rest.turns import run_then
+from pulsar_rest.web import present
 from tests.conftest import eventually
 
 
@@ -140,6 +141,53 @@ async def test_output_is_shown_once_in_the_file_before_the_loop_hears_of_it(
     assert told == []  # its waiters are woken in the next turn
     await eventually(lambda: told == [7])
     await out.close()
+
+
+async def test_a_task_s_json_shows_output_up_to_its_output_size(tmp_path: Path, writer: LogWriter) -> None:
+    """The log grows in the writer's thread, even while the answer is made: `output` ends
+    where `outputSize` says, so a client may follow from there."""
+    out = OutputLog(tmp_path / "out.log", writer, tail_limit=4)
+    out.feed(b"first line\n")
+    await out.drain()
+    task = Task(id=1, app="a", env="e", action="t", command=["pulsar"], output=out)
+    task.start(pid=42)
+    gate = threading.Event()
+    writer.submit(gate.wait)  # the next write waits for it
+    out.feed(b"line 2\n")  # memory keeps this one only: the first line is read from the file
+    read_file = out._read_file
+
+    def read_while_it_grows(offset: int, end: int) -> bytes:
+        gate.set()  # the write lands while the answer reads its tail
+        deadline = time.monotonic() + 10
+        while out.size < 18 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return read_file(offset, end)
+
+    out._read_file = read_while_it_grows  # type: ignore[method-assign]
+    try:
+        shown = await present.task_json(task)
+    finally:
+        gate.set()
+    assert out.size == 18
+    assert (shown["outputOffset"], shown["output"], shown["outputSize"]) == (0, "first line\n", 11)
+
+
+async def test_a_failure_after_one_write_leaves_the_others_of_its_batch(
+    writer: LogWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes of one turn are told together: what follows one of them (a task's waiters,
+    another instance's feed) failing must not strand the others (another task's close)."""
+    told: list[object] = []
+
+    def fails(result: object, error: BaseException | None) -> None:
+        raise RuntimeError("a bug in a follower's wake-up")
+
+    writer.post(fails, lambda: "first")
+    writer.post(lambda result, error: told.append(result), lambda: "second")
+    closed = writer.submit(lambda: "third")
+    assert await asyncio.wait_for(closed, 10) == "third"
+    assert told == ["second"]
+    assert "a bug in a follower's wake-up" in caplog.text
 
 
 async def test_a_thread_s_outcome_comes_back_in_the_next_turn_of_the_loop() -> None:

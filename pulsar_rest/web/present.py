@@ -56,8 +56,11 @@ def summary(task: Task) -> dict[str, Any]:
 async def task_json(task: Task) -> dict[str, Any]:
     """The documented task object; `output` holds the last MiB at most (`outputOffset` is
     where it starts in the log, `outputTruncated` says whether it is the whole output)."""
-    offset, text = await task.output.tail(TAIL_LIMIT)
-    return {**summary(task), "output": text, "outputOffset": offset, "outputTruncated": offset > 0}
+    # The task as it is now, and its output up to the size it shows: the log grows in the
+    # writer's thread, and the task may end while its tail is read from the file.
+    shown = summary(task)
+    offset, text = await task.output.tail(TAIL_LIMIT, shown["outputSize"])
+    return {**shown, "output": text, "outputOffset": offset, "outputTruncated": offset > 0}
 
 
 class AnswerCache:

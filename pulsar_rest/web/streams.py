@@ -133,7 +133,7 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     # Up to the bytes taken in: a byte is in the file (GET /task/:id/log reads it) a moment
     # before it is counted in `size`, so an offset read there may be ahead of `size`. The
     # stream then waits for the count to catch up.
-    if offset > task.output.size + task.output.backlog:
+    if offset > task.output.taken:
         raise ApiError(410, f"offset {offset} is past the end of the output ({task.output.size} bytes)")
     response = await _open_sse(request)
     messages = request.app[STREAM_MESSAGES]

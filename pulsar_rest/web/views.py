@@ -164,10 +164,13 @@ async def get_stdout(request: web.Request) -> web.StreamResponse:
 
 async def _log_file(request: web.Request, task: Task, log: OutputLog) -> web.StreamResponse:
     headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+    # The size first: the writer's thread makes the file before it counts a byte in it, so a
+    # log without a file that counted none has not been written yet, not been pruned.
+    size = log.size
     if not log.path.exists():
-        if isinstance(log, ChunkLog) and log.size:
+        if isinstance(log, ChunkLog) and size:
             return await _log_chunks(request, log, headers)  # another instance wrote it
-        if log.size == 0 and await request.app[SERVICE].find(task.id) is not None:
+        if size == 0 and await request.app[SERVICE].find(task.id) is not None:
             return web.Response(headers=headers)  # nothing yet: the file comes with the first byte
         raise ApiError(404, f"the output of task {task.id} is gone (pruned from the history)")
     return web.FileResponse(log.path, headers=headers)
