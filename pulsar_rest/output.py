@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pulsar_rest.turns import TurnBatch, run_then
+from pulsar_rest.turns import Then, TurnBatch, run_then, settle
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ def complete_chars(data: bytes) -> bytes:
 
 
 _Outcome = tuple[object, BaseException | None]  # a job's result, or its error
-_Then = Callable[[object, BaseException | None], None]  # told a job's outcome, on the loop
 
 
 class LogWriter:
@@ -66,29 +65,20 @@ class LogWriter:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-log")
-        self._jobs: TurnBatch[tuple[Callable[[], object], _Then]] = TurnBatch(self._run)
+        self._jobs: TurnBatch[tuple[Callable[[], object], Then[object]]] = TurnBatch(self._run)
 
     def submit(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
         """Run `fn(*args)` in the thread after what was asked before; its result."""
         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-        def then(result: object, error: BaseException | None) -> None:
-            if done.done():
-                return
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(result)
-
-        self.post(then, fn, *args)
+        self.post(functools.partial(settle, done), fn, *args)
         return done
 
-    def post(self, then: _Then, fn: Callable[..., object], *args: object) -> None:
+    def post(self, then: Then[object], fn: Callable[..., object], *args: object) -> None:
         """Run `fn(*args)` in the thread after what was asked before, then
         `then(result, error)` on the event loop."""
         self._jobs.add((functools.partial(fn, *args), then))
 
-    def _run(self, batch: list[tuple[Callable[[], object], _Then]]) -> None:
+    def _run(self, batch: list[tuple[Callable[[], object], Then[object]]]) -> None:
         def tell(outcomes: list[_Outcome] | None, error: BaseException | None) -> None:
             assert outcomes is not None, error  # _run_all keeps each job's error
             for (_, then), outcome in zip(batch, outcomes, strict=True):

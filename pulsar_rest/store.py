@@ -31,7 +31,7 @@ from pulsar_rest.events import Event
 from pulsar_rest.names import check_name
 from pulsar_rest.output import LogWriter, OutputLog
 from pulsar_rest.tasks import Task, TaskStatus, utcnow
-from pulsar_rest.turns import TurnBatch, run_then
+from pulsar_rest.turns import TurnBatch, run_then, settle
 
 log = logging.getLogger(__name__)
 
@@ -446,14 +446,7 @@ class SqliteStore:
             if failed is not None and not waiting:
                 log.error("cannot write to %s", DB_NAME, exc_info=failed)  # nobody else to tell
             for index, done in waiting:
-                if done.done():
-                    continue  # its caller has given up
-                if failed is not None:
-                    done.set_exception(failed)
-                elif errors is not None and (error := errors[index]) is not None:
-                    done.set_exception(error)
-                else:
-                    done.set_result(None)
+                settle(done, None, failed or (errors[index] if errors is not None else None))
 
         writes = [(statement, values) for statement, values, _ in batch]
         run_then(self._thread, functools.partial(self._write, writes), tell)

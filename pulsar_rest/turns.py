@@ -59,3 +59,13 @@ def run_then(pool: Executor, fn: Callable[[], T], then: Then[T]) -> None:
                 loop.call_soon_threadsafe(then, *outcome)
 
     pool.submit(run)
+
+
+def settle(done: asyncio.Future[T], result: T, error: BaseException | None) -> None:
+    """Give `done` the outcome a thread told, unless its caller has given up on it."""
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
