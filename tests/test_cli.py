@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import shutil
 import signal
@@ -18,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from pulsar_rest import runner
+from pulsar_rest import logfile, runner
 from tests.conftest import alive
 from tests.serving import ROOT, TIMEOUT, call, command, ended, environ, listening_port, stop, wait_for
 
@@ -337,6 +339,48 @@ def test_json_log_lines(start: Callable[..., subprocess.Popen[str]], tmp_path: P
     wait_for(lambda: any(e.get("taskId") == task["id"] for e in entries()), server, "a line of the task")
     assert all(isinstance(e["time"], str) and e["time"].endswith("+00:00") for e in entries())
     stop(server)
+
+
+def test_the_lines_of_one_turn_of_the_loop_reach_the_log_s_thread_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One wake-up of the writing thread a turn of the event loop, not one a line; the
+    lines stay in order, a line from another thread goes at once, and stop() writes a turn's
+    lines that the loop never handed over."""
+    handed: list[int] = []
+    handle = logfile._Listener.handle
+
+    def counted(self: logfile._Listener, record: logfile._Lines) -> None:
+        handed.append(len(record) if isinstance(record, list) else 1)
+        handle(self, record)
+
+    monkeypatch.setattr(logfile._Listener, "handle", counted)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    log = logging.getLogger("pulsar_rest.test")
+
+    async def turns() -> None:
+        for line in range(3):
+            log.info("line %d", line)
+        await asyncio.sleep(0)  # the turn ends: its lines go
+        await asyncio.to_thread(log.info, "from a thread")
+        log.info("last")  # its turn never ends before stop()
+
+    try:
+        writer = logfile.configure(tmp_path, "text", debug=False)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(turns())
+        finally:
+            loop.close()
+        logfile.stop()
+        writer.close()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [line.rsplit(": ", 1)[1] for line in (tmp_path / logfile.LOG_NAME).read_text().splitlines()]
+    assert lines == ["line 0", "line 1", "line 2", "from a thread", "last"]
+    assert handed == [3, 1, 1]
 
 
 def test_the_logrotate_example_rotates_a_running_server(

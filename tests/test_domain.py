@@ -15,7 +15,7 @@ import pytest
 from pulsar_rest import pulsar
 from pulsar_rest.events import CursorGone, EventBus, EventKind, created_topic, state_topic, task_topic
 from pulsar_rest.names import InvalidName, check_action, check_name
-from pulsar_rest.output import LogWriter, OutputLog, complete_chars
+from pulsar_rest.output import ENDED_KEEP, LogWriter, OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
 from pulsar_rest.turns import run_then
 from pulsar_rest.web import present
@@ -99,6 +99,29 @@ async def test_output_keeps_a_bounded_tail_and_reads_the_rest_from_disk(
     assert out.has_newline_after(out.size - 3) and not out.has_newline_after(out.size)
     await out.close()
     assert (tmp_path / "out.log").read_bytes() == whole
+
+
+async def test_a_short_output_stays_in_memory_after_its_end_and_a_long_one_goes(
+    tmp_path: Path, writer: LogWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short, long = OutputLog(tmp_path / "short.log", writer), OutputLog(tmp_path / "long.log", writer)
+    short.feed(b"done\n")
+    long.feed(b"x" * (ENDED_KEEP + 1))
+    await short.close()
+    await long.close()
+    assert (short.tail_start, long.tail_start) == (0, long.size)
+    files: list[int] = []
+    read_file = OutputLog._read_file
+
+    def counted(self: OutputLog, offset: int, end: int) -> bytes:
+        files.append(end - offset)
+        return read_file(self, offset, end)
+
+    monkeypatch.setattr(OutputLog, "_read_file", counted)
+    assert await short.tail() == (0, "done\n")
+    assert files == []  # no file read in a thread
+    assert (await long.tail(10))[1] == "x" * 10
+    assert files == [10]
 
 
 async def test_output_keeps_in_memory_what_the_file_does_not_hold_yet(tmp_path: Path) -> None:
