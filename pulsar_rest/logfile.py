@@ -50,11 +50,15 @@ class _Queued(logging.handlers.QueueHandler):
 
     The lines of one turn of the event loop go together, at its end: one wake-up of the
     thread a turn, not one a line. Each wake-up hands the GIL to the thread and back, and a
-    short task's three lines cost the loop about 18 futex calls that way."""
+    short task's three lines cost the loop about 18 futex calls that way. A warning or an
+    error goes at once (after the lines before it): if the loop hangs next, it says why. A
+    line from another thread goes at once too, so it may come before the loop's lines of
+    the same moment."""
 
     def __init__(self, lines: queue.SimpleQueue[_Lines]) -> None:
         super().__init__(lines)
         self._turn: list[logging.LogRecord] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop whose turn they are
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
@@ -62,7 +66,14 @@ class _Queued(logging.handlers.QueueHandler):
         except RuntimeError:  # another thread, or before the loop: at once
             self.queue.put_nowait(record)
             return
+        if self._turn and self._loop is not loop:
+            self.flush()  # a loop that stopped before its turn ended, and will not end it
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            self.queue.put_nowait(record)
+            return
         if not self._turn:
+            self._loop = loop
             loop.call_soon(self.flush)
         self._turn.append(record)
 

@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 # mostly), so thousands of tasks in the history hold no output in memory.
 TAIL_LIMIT = 1024 * 1024
 # ... unless its whole output is this short: then it stays in memory as long as its task
-# does (the service keeps the 500 it saw last: 4 MiB at most). The answer to the client that
-# waited for the end, and the looks that follow it, read no file: a read in a thread handed
-# the GIL over and back some 30 times, a tenth of a short task's cost.
+# does (the service keeps the 500 it saw last: 4 MiB, twice that for tasks that keep their
+# stdout apart). The answer to the client that waited for the end, and the looks that follow
+# it, read no file: a read in a thread handed the GIL over and back some 30 times, a tenth
+# of a short task's cost.
 ENDED_KEEP = 8 * 1024
 
 
@@ -204,8 +205,10 @@ class OutputLog:
         self._closed = True
         assert self._writer is not None
         await self._writer.submit(self._close_file)
-        if len(self._tail) > ENDED_KEEP:
-            self._tail = bytearray()  # all of it is in the file now
+        if len(self._tail) > ENDED_KEEP or self.error is not None:
+            # All of it is in the file now; or the file lacks some of it, and memory would
+            # show what the file cannot once the task is forgotten here.
+            self._tail = bytearray()
         return added
 
     async def drain(self, below: int = 0) -> None:

@@ -371,8 +371,9 @@ class Subreaper:
 
     def reap(self) -> int:
         """Collect adopted children that have exited; return how many. A dead child is
-        reaped only if it was already dead at the previous call: asyncio reaps a leader at
-        once, before its pid is known here, and must keep its exit status."""
+        reaped only if it was already dead at the previous call: a child that whoever
+        started it is about to collect (outside the server's session, and not a leader
+        of ours) keeps its exit status for them."""
         dead = {pid for pid in self.adopted() if _state(pid) == "Z"}
         reaped = 0
         for pid in dead & self._zombies:
@@ -536,9 +537,12 @@ async def spawn(
             readers.append((err_read, _Output(on_output)))
 
         # Started on the event loop, which waits the 0.2-0.3 ms of Popen (the child is made
-        # with vfork: the loop goes on once it reached exec). From a thread of its own, the
-        # loop went on meanwhile, but each start handed the GIL back and forth some 80 times
-        # (futex calls) and cost the server 1.2 ms of CPU more: a third of a short task.
+        # with vfork: the loop goes on once it reached exec; 0.65 ms at p50 with 20 starts in
+        # flight). From a thread of its own, the loop went on meanwhile, but each start
+        # handed the GIL back and forth some 80 times (futex calls) and cost the server
+        # 1.2 ms of CPU more: a third of a short task. The price: a program whose exec hangs
+        # (on a hung network mount) holds the whole server, not only the next starts. With
+        # no await between Popen and _Leader, a started child is always watched.
         popen = subprocess.Popen(  # noqa: ASYNC220 (on purpose: see above)
             argv,
             stdin=subprocess.DEVNULL,

@@ -344,9 +344,9 @@ def test_json_log_lines(start: Callable[..., subprocess.Popen[str]], tmp_path: P
 def test_the_lines_of_one_turn_of_the_loop_reach_the_log_s_thread_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One wake-up of the writing thread a turn of the event loop, not one a line; the
-    lines stay in order, a line from another thread goes at once, and stop() writes a turn's
-    lines that the loop never handed over."""
+    """One wake-up of the writing thread a turn of the event loop, not one a line, the lines
+    in order; a line from another thread, and a warning, go at once; the lines of a turn
+    that a stopped loop never ended go with the next line of another loop, or at stop()."""
     handed: list[int] = []
     handle = logfile._Listener.handle
 
@@ -364,23 +364,40 @@ def test_the_lines_of_one_turn_of_the_loop_reach_the_log_s_thread_together(
             log.info("line %d", line)
         await asyncio.sleep(0)  # the turn ends: its lines go
         await asyncio.to_thread(log.info, "from a thread")
-        log.info("last")  # its turn never ends before stop()
+        log.info("before the warning")
+        log.warning("warned")
 
+    def cut_off(loop: asyncio.AbstractEventLoop, line: str) -> None:
+        """Log `line` in the last turn of `loop`: it stops before that turn ends."""
+        loop.call_soon(loop.stop)
+        loop.call_soon(log.info, line)
+        loop.run_forever()
+
+    writer = logfile.configure(tmp_path, "text", debug=False)
     try:
-        writer = logfile.configure(tmp_path, "text", debug=False)
-        loop = asyncio.new_event_loop()
+        first = asyncio.new_event_loop()
         try:
-            loop.run_until_complete(turns())
+            first.run_until_complete(turns())
+            cut_off(first, "cut off")
         finally:
-            loop.close()
+            first.close()
+        second = asyncio.new_event_loop()
+        try:
+            second.call_soon(log.info, "next loop")
+            cut_off(second, "at the stop")
+        finally:
+            second.close()
+    finally:
         logfile.stop()
         writer.close()
-    finally:
         root.handlers[:], level = saved
         root.setLevel(level)
     lines = [line.rsplit(": ", 1)[1] for line in (tmp_path / logfile.LOG_NAME).read_text().splitlines()]
-    assert lines == ["line 0", "line 1", "line 2", "from a thread", "last"]
-    assert handed == [3, 1, 1]
+    assert lines == [
+        *("line 0", "line 1", "line 2", "from a thread", "before the warning", "warned"),
+        *("cut off", "next loop", "at the stop"),
+    ]
+    assert handed == [3, 1, 1, 1, 1, 2]
 
 
 def test_the_logrotate_example_rotates_a_running_server(

@@ -105,7 +105,7 @@ async def test_a_short_output_stays_in_memory_after_its_end_and_a_long_one_goes(
     tmp_path: Path, writer: LogWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     short, long = OutputLog(tmp_path / "short.log", writer), OutputLog(tmp_path / "long.log", writer)
-    short.feed(b"done\n")
+    short.feed(b"x" * (ENDED_KEEP - 5) + b"done\n")  # exactly as long as may stay
     long.feed(b"x" * (ENDED_KEEP + 1))
     await short.close()
     await long.close()
@@ -118,7 +118,7 @@ async def test_a_short_output_stays_in_memory_after_its_end_and_a_long_one_goes(
         return read_file(self, offset, end)
 
     monkeypatch.setattr(OutputLog, "_read_file", counted)
-    assert await short.tail() == (0, "done\n")
+    assert await short.tail() == (0, "x" * (ENDED_KEEP - 5) + "done\n")
     assert files == []  # no file read in a thread
     assert (await long.tail(10))[1] == "x" * 10
     assert files == [10]
