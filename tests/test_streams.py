@@ -461,6 +461,40 @@ async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, g
     assert resp.status == 410
 
 
+async def test_output_long_poll_from_bytes_on_their_way_to_the_file(client: Client, gates: Path) -> None:
+    """As the stream: a long-poll from an offset up to the bytes taken in waits for them,
+    as for any output, instead of taking the offset for gone; one past them is a 410."""
+    assert client.app is not None
+    task_id = (await create(client, "gate[a]"))["id"]
+    output = (await client.app[SERVICE].get(task_id)).output
+    await eventually(lambda: output.size > 0, what="the first line")
+    held = threading.Event()
+    writer = output._writer
+    assert writer is not None
+    blocked = writer.submit(held.wait)  # the log's writes wait behind this
+    try:
+        release(gates, "a")
+        await eventually(lambda: output.backlog > 0, what="output taken in, not yet in the file")
+        taken = output.taken
+        past = await client.get(f"/task/{task_id}/output", params={"offset": str(taken + 1), "timeout": "5"})
+        assert past.status == 410
+        assert_envelope(await past.json(), 410)
+        before = waiters(client)
+        polled = asyncio.ensure_future(
+            client.get(f"/task/{task_id}/output", params={"offset": str(taken), "timeout": "30"})
+        )
+        await eventually(lambda: waiters(client) > before, what="the long-poll to wait")
+        assert not polled.done()
+    finally:
+        held.set()  # also after a failure: the task's end waits for its writes
+        await blocked
+    resp = await polled
+    assert resp.status == 200
+    body = await resp.json()
+    assert (body["offset"], body["nextOffset"], body["output"]) == (taken, taken, "")
+    assert body["complete"] and body["size"] == taken == len(await log_of(client, task_id))
+
+
 async def test_task_stream_unknown_task_is_a_404(client: Client) -> None:
     resp = await client.get("/task/4242/stream")
     assert resp.status == 404

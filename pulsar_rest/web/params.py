@@ -71,12 +71,19 @@ async def reach_cursor(request: web.Request, since: int | None) -> None:
 
 
 async def reach_offset(request: web.Request, task: Task, offset: int) -> None:
-    """Wait, with a shared store, until this instance counts the output of a task that goes
-    on up to `offset`."""
-    if not request.app[SERVICE].shared:
-        return
+    """Check that `offset` is within the output, which it may be a moment before the count
+    says so: up to the bytes taken in (a byte is in the file, where GET /task/:id/log reads
+    it, before the writer's thread counts it), the follower waits for them as for any
+    output; with a shared store, another instance's count may be ahead of this one's, and
+    it is waited for. Past that, it is gone (410)."""
+    output = task.output
 
     def caught_up() -> bool:
-        return offset <= task.output.size or task.status.ended
+        return offset <= output.taken or task.status.ended
 
-    await request.app[BUS].wait_for(task_topic(task.id), caught_up, CATCH_UP)
+    if not caught_up() and request.app[SERVICE].shared:
+        await request.app[BUS].wait_for(task_topic(task.id), caught_up, CATCH_UP)
+    if offset > output.taken:
+        raise ApiError(
+            410, f"offset {offset} is past the end of the output ({output.size} bytes): read it again"
+        )

@@ -268,10 +268,6 @@ async def _output_from(
     request: web.Request, task: Task, offset: int, limit: int, timeout: float
 ) -> web.Response:
     await params.reach_offset(request, task, offset)
-    if offset > task.output.size:
-        raise ApiError(
-            410, f"offset {offset} is past the end of the output ({task.output.size} bytes): read it again"
-        )
     answers = request.app[OUTPUT_ANSWERS]
     with answers.following(task.id):
         body = await _output_wait(request, task, offset, limit, timeout)
@@ -295,7 +291,7 @@ async def _output_wait(request: web.Request, task: Task, offset: int, limit: int
     async def make() -> tuple[bytes, bool]:
         # What is read from the file or escaped for this answer alone (an empty answer, the
         # wait's end, costs nothing; output other answers escaped is a join).
-        end = min(offset + limit, task.output.size)
+        end = max(offset, min(offset + limit, task.output.size))  # the offset may be ahead of the count
         text = answers.text(task.id, OUTPUT_LIMIT)
         cost = end - offset if offset < task.output.tail_start else text.cost(offset, end)
         if ready and cost:
