@@ -4,13 +4,14 @@ WebSocket. Cursors resume without loss or repeat; a client that goes away frees 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import random
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,10 +433,10 @@ async def test_task_stream_offset_past_the_end_is_a_410(client: Client, how: str
     assert "past the end" in body["error"]["message"]
 
 
-async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, gates: Path) -> None:
-    """A byte is in the file (and so in a Range read of GET /task/:id/log, which is how the
-    console starts) a moment before it counts in the output's size: an offset up to the
-    bytes taken in is served, and the stream goes on from it once they are counted."""
+@contextlib.asynccontextmanager
+async def bytes_on_their_way(client: Client, gates: Path) -> AsyncIterator[tuple[int, int]]:
+    """A task whose last output is taken in but held from its file (the log's writes wait)
+    while in the block: its id and the bytes taken in."""
     assert client.app is not None
     task_id = (await create(client, "gate[a]"))["id"]
     output = (await client.app[SERVICE].get(task_id)).output
@@ -447,13 +448,20 @@ async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, g
     try:
         release(gates, "a")
         await eventually(lambda: output.backlog > 0, what="output taken in, not yet in the file")
-        taken = output.size + output.backlog
-        sse = await open_sse(client, f"/task/{task_id}/stream", params={"offset": str(taken)})
-        first = await sse.event()
-        assert first.event == "state" and first.id == taken
+        yield task_id, output.taken
     finally:
         held.set()  # also after a failure: the task's end waits for its writes
         await blocked
+
+
+async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, gates: Path) -> None:
+    """A byte is in the file (and so in a Range read of GET /task/:id/log, which is how the
+    console starts) a moment before it counts in the output's size: an offset up to the
+    bytes taken in is served, and the stream goes on from it once they are counted."""
+    async with bytes_on_their_way(client, gates) as (task_id, taken):
+        sse = await open_sse(client, f"/task/{task_id}/stream", params={"offset": str(taken)})
+        first = await sse.event()
+        assert first.event == "state" and first.id == taken
     events = await sse.rest()
     assert events[-1].event == "end" and events[-1].id == taken == len(await log_of(client, task_id))
     assert [m.event for m in events if m.event == "output"] == []
@@ -464,18 +472,7 @@ async def test_task_stream_from_bytes_on_their_way_to_the_file(client: Client, g
 async def test_output_long_poll_from_bytes_on_their_way_to_the_file(client: Client, gates: Path) -> None:
     """As the stream: a long-poll from an offset up to the bytes taken in waits for them,
     as for any output, instead of taking the offset for gone; one past them is a 410."""
-    assert client.app is not None
-    task_id = (await create(client, "gate[a]"))["id"]
-    output = (await client.app[SERVICE].get(task_id)).output
-    await eventually(lambda: output.size > 0, what="the first line")
-    held = threading.Event()
-    writer = output._writer
-    assert writer is not None
-    blocked = writer.submit(held.wait)  # the log's writes wait behind this
-    try:
-        release(gates, "a")
-        await eventually(lambda: output.backlog > 0, what="output taken in, not yet in the file")
-        taken = output.taken
+    async with bytes_on_their_way(client, gates) as (task_id, taken):
         past = await client.get(f"/task/{task_id}/output", params={"offset": str(taken + 1), "timeout": "5"})
         assert past.status == 410
         assert_envelope(await past.json(), 410)
@@ -485,9 +482,6 @@ async def test_output_long_poll_from_bytes_on_their_way_to_the_file(client: Clie
         )
         await eventually(lambda: waiters(client) > before, what="the long-poll to wait")
         assert not polled.done()
-    finally:
-        held.set()  # also after a failure: the task's end waits for its writes
-        await blocked
     resp = await polled
     assert resp.status == 200
     body = await resp.json()
