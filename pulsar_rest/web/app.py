@@ -120,7 +120,8 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
         retain_tasks=settings.retain_tasks,
         retain_days=settings.retain_days,
         max_running=settings.max_running,
-        run_root=settings.data_dir / "runs",
+        # Only pulsar-rest's own runner has a run directory to remove at each task's end.
+        run_root=settings.data_dir / "runs" if pulsar_bin is None else None,
     )
     service = TaskService(store, bus, config, history.live, history.ended, history.others)
     feed = None
