@@ -150,6 +150,7 @@ class OutputLog:
         self._tail_limit = tail_limit
         self._closed = writer is None
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._unacked = 0  # writes handed to the writer, not yet told done
         # Bytes in the file: all that readers see. A byte is shown to nobody before it is in
         # the file, so whatever a client was shown survives a crash of the server. The
         # writer's thread counts them as it writes them (the only one that changes it while
@@ -198,13 +199,19 @@ class OutputLog:
 
     async def close(self) -> int:
         """Flush a trailing incomplete character (as U+FFFD), wait until everything is in
-        the file, and close it; return how many bytes the flush added."""
+        the file, and let the file go; return how many bytes the flush added."""
         if self._closed:
             return 0
         added = sum(self._append(d.decode(b"", final=True).encode()) for d in self._decoders.values())
         self._closed = True
         assert self._writer is not None
-        await self._writer.submit(self._close_file)
+        # All of it is in the file once every write is told done. The descriptor's close
+        # then goes to the thread unawaited: the task ends a wake-up of the thread sooner.
+        while self._unacked:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        self._writer.post(self._closed_file, self._close_file)
         if len(self._tail) > ENDED_KEEP or self.error is not None:
             # All of it is in the file now; or the file lacks some of it, and memory would
             # show what the file cannot once the task is forgotten here.
@@ -230,6 +237,7 @@ class OutputLog:
         keep = max(self._tail_limit, self.backlog)
         if len(self._tail) > 2 * keep:
             del self._tail[: len(self._tail) - keep]
+        self._unacked += 1
         self._writer.post(functools.partial(self._written, len(data)), self._write_file, data)
         return len(data)
 
@@ -249,7 +257,12 @@ class OutputLog:
             os.close(self._fd)
             self._fd = None
 
+    def _closed_file(self, _: object, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("cannot close %s: %s", self.path, error)
+
     def _written(self, count: int, _: object, error: BaseException | None) -> None:
+        self._unacked -= 1
         if error is not None and self.error is None:
             self.error = error if isinstance(error, OSError) else OSError(str(error))
             log.error("cannot write %s: %s", self.path, self.error)

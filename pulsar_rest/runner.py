@@ -100,7 +100,9 @@ class _Leader:
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self._loop = asyncio.get_running_loop()
         self.popen = popen
-        self.exited: asyncio.Future[None] = self._loop.create_future()
+        # An event, not a future: its waiters wake in the turn after it is set, and one that
+        # is cancelled leaves it as it is (a shield around a future costs a turn more).
+        self.exited = asyncio.Event()
         _LEADERS.add(popen.pid)  # its exit is ours to collect, not the subreaper's
         try:
             self._pidfd: int | None = os.pidfd_open(popen.pid)
@@ -124,14 +126,13 @@ class _Leader:
 
     def _exited(self) -> None:
         _LEADERS.discard(self.popen.pid)  # collected: the pid may be anyone's now
-        if not self.exited.done():
-            self.exited.set_result(None)
+        self.exited.set()
 
 
 class _Output(asyncio.Protocol):
     def __init__(self, on_output: Callable[[bytes], None]) -> None:
         self._on_output = on_output
-        self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.drained = asyncio.Event()  # (an event: see _Leader.exited)
 
     def itself(self) -> _Output:
         """The protocol factory of its pipe: the protocol exists before its pipe does."""
@@ -141,8 +142,7 @@ class _Output(asyncio.Protocol):
         self._on_output(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.drained.done():
-            self.drained.set_result(None)
+        self.drained.set()
 
 
 class ChildProcess:
@@ -161,7 +161,7 @@ class ChildProcess:
         self.signal_sent: signal.Signals | None = None
 
     async def wait_exit(self) -> ExitStatus:
-        await asyncio.shield(self._leader.exited)
+        await self._leader.exited.wait()
         returncode = self._leader.popen.returncode
         assert returncode is not None
         return ExitStatus.from_returncode(returncode)
@@ -170,7 +170,8 @@ class ChildProcess:
         """Wait until the output pipes are at their end; False if one is still open at `timeout`."""
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(asyncio.gather(*(output.drained for _, output in self._pipes)))
+                for _, output in self._pipes:
+                    await output.drained.wait()
         except TimeoutError:
             return False
         return True

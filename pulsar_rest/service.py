@@ -193,7 +193,7 @@ class TaskService:
         self._pruner: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None
         # Resolved when each running task ends: waits that go on while the bus is closed.
-        self._ends: dict[int, asyncio.Future[None]] = {}
+        self._ends: dict[int, asyncio.Event] = {}  # (events: see runner._Leader.exited)
         self._closing = False
         # For the metrics: counted since the start, read when scraped.
         self.started = 0
@@ -528,7 +528,7 @@ class TaskService:
         self._live[task.id] = task
         if self._events is None:
             self._store.save(task)  # listed from now on: lists are the store's (a shared one has it)
-        self._ends[task.id] = asyncio.get_running_loop().create_future()
+        self._ends[task.id] = asyncio.Event()
         self._publish(task, EventKind.CREATED)
 
     def _numbered(self, task: Task) -> asyncio.Future[None]:
@@ -626,7 +626,8 @@ class TaskService:
         if ended is None or task.status.ended:
             return task.status.ended
         try:
-            await asyncio.wait_for(asyncio.shield(ended), timeout)
+            async with asyncio.timeout(timeout):
+                await ended.wait()
         except TimeoutError:
             return False
         return True
@@ -872,7 +873,7 @@ class TaskService:
         )
         ended = self._ends.pop(task.id, None)
         if ended is not None:
-            ended.set_result(None)
+            ended.set()
         for told in self.on_end:
             told(task)
         self._next_turn(task)
