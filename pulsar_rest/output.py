@@ -66,12 +66,14 @@ _Outcome = tuple[object, BaseException | None]  # a job's result, or its error
 class LogWriter:
     """One thread that appends to every log, in order: a slow disk delays the logs, never
     the event loop (a write can block for long under the kernel's writeback throttling).
-    What is asked for in one turn of the event loop goes to the thread together: a burst
-    costs one wake-up of the thread and one of the loop, not one each per log."""
+    What is asked for while the thread works on a batch goes to it together, as its next
+    one: a burst costs one wake-up of the thread and one of the loop, not one each per log."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-log")
-        self._jobs: TurnBatch[tuple[Callable[[], object], Then[object]]] = TurnBatch(self._run)
+        self._jobs: TurnBatch[tuple[Callable[[], object], Then[object]]] = TurnBatch(
+            self._run, one_at_a_time=True
+        )
 
     def submit(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
         """Run `fn(*args)` in the thread after what was asked before; its result."""
@@ -92,11 +94,12 @@ class LogWriter:
                     then(*outcome)
                 except Exception:  # the others of the batch (other tasks' logs) are told still
                     log.exception("a log's write was done, and what followed it failed")
+            self._jobs.done()
 
         run_then(self._pool, functools.partial(_run_all, [job for job, _ in batch]), tell)
 
     def close(self) -> None:
-        self._jobs.flush()
+        self._jobs.flush(now=True)
         self._pool.shutdown(wait=True)
 
 

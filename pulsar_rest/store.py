@@ -427,10 +427,10 @@ class SqliteStore:
         self._last_id = 0
         # Writes asked for in this turn of the event loop, with what awaits each (if any).
         self._writes: TurnBatch[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
-        self._writes = TurnBatch(self._write_batch)
+        self._writes = TurnBatch(self._write_batch, one_at_a_time=True)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        self._writes.flush()  # what was written before is there for it
+        self._writes.flush(now=True)  # what was written before is there for it
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _queue(
@@ -443,6 +443,7 @@ class SqliteStore:
         waiting = [(index, done) for index, (_, _, done) in enumerate(batch) if done is not None]
 
         def tell(errors: list[sqlite3.Error | None] | None, failed: BaseException | None) -> None:
+            self._writes.done()
             if failed is not None and not waiting:
                 log.error("cannot write to %s", DB_NAME, exc_info=failed)  # nobody else to tell
             for index, done in waiting:

@@ -17,7 +17,7 @@ from pulsar_rest.events import CursorGone, EventBus, EventKind, created_topic, s
 from pulsar_rest.names import InvalidName, check_action, check_name
 from pulsar_rest.output import ENDED_KEEP, LogWriter, OutputLog, complete_chars
 from pulsar_rest.tasks import InvalidTransition, Task, TaskStatus
-from pulsar_rest.turns import run_then
+from pulsar_rest.turns import TurnBatch, run_then
 from pulsar_rest.web import present
 from tests.conftest import eventually
 
@@ -253,6 +253,35 @@ async def test_a_thread_s_outcome_comes_back_in_the_next_turn_of_the_loop(
     result, error = by_then[0]
     assert result == (None if fails else "done")
     assert isinstance(error, OSError) if fails else error is None
+
+
+async def test_work_asked_for_while_a_batch_is_out_goes_as_the_next_one() -> None:
+    """One batch at a time (a thread's): what several turns ask for while the thread works
+    goes together when it is done; a read's flush does not wait for it."""
+    handed: list[list[int]] = []
+    batch: TurnBatch[int] = TurnBatch(handed.append, one_at_a_time=True)
+    batch.add(1)
+    batch.add(2)
+    await asyncio.sleep(0)  # the turn ends: the first batch goes
+    assert handed == [[1, 2]]
+    for item in (3, 4, 5):  # three turns while the thread works
+        batch.add(item)
+        await asyncio.sleep(0)
+    assert handed == [[1, 2]]
+    batch.done()
+    assert handed == [[1, 2], [3, 4, 5]]
+    batch.add(6)
+    batch.flush(now=True)  # a read must see it, batch out or not
+    assert handed == [[1, 2], [3, 4, 5], [6]]
+    batch.done()
+    batch.done()  # nothing pending: nothing handed over
+    assert handed == [[1, 2], [3, 4, 5], [6]]
+    unbounded: TurnBatch[int] = TurnBatch(handed.append)  # a turn's work, each turn (PostgreSQL)
+    unbounded.add(7)
+    await asyncio.sleep(0)
+    unbounded.add(8)
+    await asyncio.sleep(0)
+    assert handed[-2:] == [[7], [8]]
 
 
 @pytest.mark.parametrize("text", ["a", "é", "€", "😀", "aé€😀"])
