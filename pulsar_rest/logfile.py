@@ -55,7 +55,7 @@ class _Queued(logging.handlers.QueueHandler):
     line from another thread goes at once too, so it may come before the loop's lines of
     the same moment."""
 
-    def __init__(self, lines: queue.SimpleQueue[_Lines]) -> None:
+    def __init__(self, lines: queue.SimpleQueue[_Lines | None]) -> None:
         super().__init__(lines)
         self._turn: list[logging.LogRecord] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop whose turn they are
@@ -93,9 +93,55 @@ class _Queued(logging.handlers.QueueHandler):
 
 
 class _Listener(logging.handlers.QueueListener):
-    def handle(self, record: _Lines) -> None:
-        for line in record if isinstance(record, list) else (record,):
-            super().handle(line)
+    """Writes all the lines queued when it wakes up in one write of the stream (and one
+    flush): each write lets go of the GIL and takes it back, and the event loop, when it
+    wants the GIL meanwhile, waits on a futex. Under load, lines pile up while it writes."""
+
+    def __init__(self, lines: queue.SimpleQueue[_Lines | None], handler: logging.Handler) -> None:
+        super().__init__(lines, handler)
+        self._lines = lines
+        self._stopping = False  # the sentinel came among the lines taken at once
+
+    def dequeue(self, block: bool) -> list[logging.LogRecord] | None:  # type: ignore[override]
+        if self._stopping:
+            return None  # the sentinel: the lines before it were written
+        taken = self._lines.get(block)
+        if taken is None:
+            return None
+        lines = taken if isinstance(taken, list) else [taken]
+        while True:
+            try:
+                more = self._lines.get_nowait()
+            except queue.Empty:
+                return lines
+            if more is None:
+                self._stopping = True
+                return lines
+            lines.extend(more if isinstance(more, list) else (more,))
+
+    def handle(self, record: list[logging.LogRecord]) -> None:  # type: ignore[override]
+        handler = self.handlers[0]
+        if not isinstance(handler, logging.StreamHandler):
+            for line in record:
+                handler.handle(line)
+            return
+        text = []
+        for line in record:
+            if handler.filter(line):
+                try:
+                    text.append(handler.format(line) + handler.terminator)
+                except Exception:
+                    handler.handleError(line)
+        if not text:
+            return
+        handler.acquire()  # not while SIGHUP's reopen swaps the stream
+        try:
+            handler.stream.write("".join(text))
+            handler.flush()
+        except Exception:
+            handler.handleError(record[-1])
+        finally:
+            handler.release()
 
 
 _PLAIN = logging.Formatter()
@@ -121,7 +167,7 @@ def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Han
         except OSError as exc:
             raise LogFileError(f"--log-dir {log_dir}: {exc.strerror or exc}") from None
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    lines: queue.SimpleQueue[_Lines] = queue.SimpleQueue()
+    lines: queue.SimpleQueue[_Lines | None] = queue.SimpleQueue()  # None: stop
     stop()
     _listener = _Listener(lines, handler)
     _listener.start()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+import queue
 import re
 import shutil
 import signal
@@ -348,13 +350,14 @@ def test_the_lines_of_one_turn_of_the_loop_reach_the_log_s_thread_together(
     in order; a line from another thread, and a warning, go at once; the lines of a turn
     that a stopped loop never ended go with the next line of another loop, or at stop()."""
     handed: list[int] = []
-    handle = logfile._Listener.handle
 
-    def counted(self: logfile._Listener, record: logfile._Lines) -> None:
-        handed.append(len(record) if isinstance(record, list) else 1)
-        handle(self, record)
+    class Counted(queue.SimpleQueue[logfile._Lines | None]):
+        def put_nowait(self, item: logfile._Lines | None) -> None:
+            if item is not None:  # (None: the listener's stop)
+                handed.append(len(item) if isinstance(item, list) else 1)
+            super().put_nowait(item)
 
-    monkeypatch.setattr(logfile._Listener, "handle", counted)
+    monkeypatch.setattr(queue, "SimpleQueue", Counted)  # the one configure() makes
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     log = logging.getLogger("pulsar_rest.test")
@@ -398,6 +401,34 @@ def test_the_lines_of_one_turn_of_the_loop_reach_the_log_s_thread_together(
         *("cut off", "next loop", "at the stop"),
     ]
     assert handed == [3, 1, 1, 1, 1, 2]
+
+
+def test_the_log_s_thread_writes_what_piled_up_at_once() -> None:
+    """The lines queued while the writing thread wrote go in one write of the stream, up to
+    the stop; what follows the stop is not its to write."""
+    lines: queue.SimpleQueue[logfile._Lines | None] = queue.SimpleQueue()
+    writes: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    handler = logging.StreamHandler(Stream())
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    listener = logfile._Listener(lines, handler)
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("pulsar_rest.test", logging.INFO, __file__, 1, message, None, None)
+
+    for queued in ([record("a"), record("b")], record("c"), [record("d")], None, [record("e")]):
+        lines.put_nowait(queued)
+    taken = listener.dequeue(True)
+    assert taken is not None and [line.msg for line in taken] == ["a", "b", "c", "d"]
+    listener.handle(taken)
+    assert writes == ["a\nb\nc\nd\n"]
+    assert listener.dequeue(True) is None  # the stop, after what came before it
+    assert [line.msg for line in lines.get_nowait()] == ["e"]  # type: ignore[union-attr]
 
 
 def test_the_logrotate_example_rotates_a_running_server(
