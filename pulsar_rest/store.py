@@ -442,14 +442,30 @@ class SqliteStore:
     def _write_batch(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]) -> None:
         waiting = [(index, done) for index, (_, _, done) in enumerate(batch) if done is not None]
 
+        # A task's row written several times in a batch (created, running, ended: a short
+        # task's often meet in one) is written once, where it came first, as it came last:
+        # each is the whole row.
+        writes: list[tuple[str, tuple[Any, ...]]] = []
+        done_by: list[int] = []  # for each write asked for, the index of the one done for it
+        rows: dict[Any, int] = {}  # task id -> index of its row's write
+        for statement, values, _ in batch:
+            at = rows.get(values[0]) if statement is _UPSERT else None
+            if at is None:
+                at = len(writes)
+                writes.append((statement, values))
+                if statement is _UPSERT:
+                    rows[values[0]] = at
+            else:
+                writes[at] = (statement, values)
+            done_by.append(at)
+
         def tell(errors: list[sqlite3.Error | None] | None, failed: BaseException | None) -> None:
             self._writes.done()
             if failed is not None and not waiting:
                 log.error("cannot write to %s", DB_NAME, exc_info=failed)  # nobody else to tell
             for index, done in waiting:
-                settle(done, None, failed or (errors[index] if errors is not None else None))
+                settle(done, None, failed or (errors[done_by[index]] if errors is not None else None))
 
-        writes = [(statement, values) for statement, values, _ in batch]
         run_then(self._thread, functools.partial(self._write, writes), tell)
 
     def _write(self, writes: list[tuple[str, tuple[Any, ...]]]) -> list[sqlite3.Error | None]:

@@ -297,6 +297,45 @@ async def test_writes_of_one_turn_share_a_commit_and_a_failed_one_spares_the_oth
         await store.close()
 
 
+async def test_a_task_written_several_times_in_a_batch_is_written_once_as_it_came_last(
+    tmp_path: Path,
+) -> None:
+    """Created, running and ended in one batch (a short task's rows often meet there): one
+    write of its row, where it came first (before the audit record of its creation), with
+    what it was last; the write waited for is done with it."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        statements: list[str] = []
+        store._connection().set_trace_callback(statements.append)
+        task_id = await store.next_id()
+        task = Task(
+            id=task_id,
+            app="shop",
+            env="prod",
+            action="ok",
+            command=["pulsar"],
+            output=store.new_output(task_id),
+        )
+        store.save(task)
+        added = asyncio.ensure_future(store.add(task))
+        store.add_audit(AuditRecord(AuditAction.CREATE, "alice", "10.0.0.1", "shop/prod ok", task_id))
+        task.start(4242)
+        store.save(task)
+        task.end(TaskStatus.FINISHED, exit_code=0)
+        store.save(task)
+        await added
+        # (SQLite's trace tells a statement again for each trigger it runs.)
+        rows = [s for s in statements if s.startswith("INSERT INTO tasks")]
+        assert len(set(rows)) == 1 and "'finished'" in rows[0]
+        audit = next(i for i, s in enumerate(statements) if s.startswith("INSERT INTO audit"))
+        assert statements.index(rows[0]) < audit
+        found = (await store.find([task_id]))[task_id]
+        assert (found.status, found.pid, found.exit_code) == (TaskStatus.FINISHED, 4242, 0)
+    finally:
+        await store.close()
+
+
 async def test_a_start_beside_another_writer_waits_its_turn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
