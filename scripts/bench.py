@@ -4,6 +4,7 @@
     scripts/bench 1 4          # only scenarios 1 and 4
     scripts/bench --quick      # smaller counts, to check the script itself
     scripts/bench --profile d  # also record each server with py-spy (collapsed stacks in d/)
+    scripts/bench --against /tmp/before  # scenario 5 beside another checkout, interleaved
     BENCH_HISTORY=100000 scripts/bench 8  # scenario 8 on 100,000 ended tasks, not 1,000,000
 
 Each scenario starts a fresh server (`python -m pulsar_rest`) in its own data directory
@@ -97,7 +98,9 @@ START_TIMEOUT = 300.0
 
 
 class Server:
-    def __init__(self, work: Path, *extra: str, fake: str | None = None, data: Path | None = None) -> None:
+    def __init__(
+        self, work: Path, *extra: str, fake: str | None = None, data: Path | None = None, root: Path = ROOT
+    ) -> None:
         self.work = work
         self.gates = work / "gates"
         self.gates.mkdir(parents=True, exist_ok=True)
@@ -108,10 +111,26 @@ class Server:
         env = {**os.environ, "FAKE_PULSAR_DIR": str(self.gates)}
         self.launched = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pulsar_rest", "--port", "0", "--pulsar-bin", self.pulsar,
-             "--data-dir", str(data or work / "data"), "--long-poll-timeout", "300", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pulsar_rest",
+                "--port",
+                "0",
+                "--pulsar-bin",
+                self.pulsar,
+                "--data-dir",
+                str(data or work / "data"),
+                "--long-poll-timeout",
+                "300",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=root,
+            text=True,
+        )  # fmt: skip  (python -m runs the package of its working directory: `root`'s)
         assert self.proc.stdout is not None
         watchdog = threading.Timer(START_TIMEOUT, self.proc.kill)
         watchdog.start()
@@ -155,11 +174,13 @@ PROFILE_DIR: Path | None = None
 
 
 @contextlib.contextmanager
-def server(*extra: str, fake: str | None = None, data: Path | None = None) -> Iterator[Server]:
+def server(
+    *extra: str, fake: str | None = None, data: Path | None = None, root: Path = ROOT
+) -> Iterator[Server]:
     """A server in a temporary directory of its own; its data directory is `data` if given
-    (a history made beforehand), else a new one in there."""
+    (a history made beforehand), else a new one in there; the code of the checkout `root`."""
     with tempfile.TemporaryDirectory(prefix="pulsar-bench-") as tmp:
-        srv = Server(Path(tmp), *extra, fake=fake, data=data)
+        srv = Server(Path(tmp), *extra, fake=fake, data=data, root=root)
         spy = None
         failed = True
         if PROFILE_DIR is not None:
@@ -423,21 +444,53 @@ async def short_tasks(count: int, concurrency: int = 20) -> None:
 async def short_task_rates(fake: str | None, count: int, concurrency: int) -> tuple[float, float]:
     """Tasks a second through the API, and plain spawning of the same executable."""
     with server(fake=fake) as srv:
-        argv = [srv.pulsar, "task", "bench", "prod", "ok"]
-
-        async def plain() -> None:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-            await proc.communicate()
-
+        plain = plain_spawning(srv)
         # Plain spawning before and after ours, the better one kept: the machine's state
         # (page cache, other load) favours neither side.
         base = await rate(plain, count // 2, concurrency)
         ours = await api_task_rate(srv, count, concurrency)
         base = max(base, await rate(plain, count // 2, concurrency))
     return ours, base
+
+
+def plain_spawning(srv: Server) -> Callable[[], Awaitable[None]]:
+    """One start of the server's fake pulsar as plain asyncio does it, its output read."""
+    argv = [srv.pulsar, "task", "bench", "prod", "ok"]
+
+    async def plain() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        await proc.communicate()
+
+    return plain
+
+
+async def short_tasks_against(other: Path, count: int, rounds: int, concurrency: int = 20) -> None:
+    """Scenario 5's shell fake through this checkout's server and through `other`'s, both up
+    at once, in alternating runs with plain spawning after each: on this VM the machine's
+    speed moves by a third within minutes, which hid changes of 10-20 % between runs made
+    one after the other."""
+    print(f"5. short tasks: this checkout beside {other}, {rounds} rounds of {count}", flush=True)
+    with server(fake=SHELL_FAKE) as this, server(fake=SHELL_FAKE, root=other) as that:
+        sides = {"this checkout": this, "the other": that}
+        for srv in sides.values():
+            await api_task_rate(srv, count // 5, concurrency)  # its first tasks, apart
+        ratios: dict[str, list[float]] = {name: [] for name in sides}
+        for turn in range(rounds):
+            for name in list(sides) if turn % 2 == 0 else list(sides)[::-1]:
+                ours = await api_task_rate(sides[name], count, concurrency)
+                base = await rate(plain_spawning(sides[name]), count // 2, concurrency)
+                ratios[name].append(ours / base)
+                shown = f"{ours:.0f} tasks a second, plain {base:.0f}: {ours / base:.3f}"
+                print(f"  round {turn + 1}, {name}: {shown}", flush=True)
+    for name, values in ratios.items():
+        shown = f"{statistics.median(values):.3f} ({min(values):.3f} to {max(values):.3f})"
+        row("5 against", f"{name}: ratio to plain spawning, median of {rounds} rounds", shown)
+    gains = [a / b for a, b in zip(*ratios.values(), strict=True)]
+    shown = f"{statistics.median(gains):.3f} ({min(gains):.3f} to {max(gains):.3f})"
+    row("5 against", "this checkout's ratio over the other's, median of the rounds", shown)
 
 
 async def api_task_rate(srv: Server, count: int, concurrency: int) -> float:
@@ -1236,6 +1289,13 @@ async def main() -> int:
     parser.add_argument("scenarios", nargs="*", type=int, help="which scenarios (1-9); default all")
     parser.add_argument("--quick", action="store_true", help="small counts: a check of the script")
     parser.add_argument("--profile", type=Path, help="record each server with py-spy into this directory")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="CHECKOUT",
+        help="scenario 5 only, through this checkout's server and CHECKOUT's at once, in alternating rounds "
+        "(e.g. git worktree add /tmp/before HEAD~1)",
+    )
     args = parser.parse_args()
     global PROFILE_DIR
     PROFILE_DIR = args.profile
@@ -1257,6 +1317,12 @@ async def main() -> int:
         ),
         9: lambda: instances(quick),
     }
+    if args.against is not None:
+        if not (args.against / "pulsar_rest" / "__main__.py").is_file():
+            parser.error(f"--against {args.against}: not a checkout of pulsar-rest")
+        scenarios = {
+            5: lambda: short_tasks_against(args.against.resolve(), 200 if quick else 1500, 2 if quick else 6)
+        }
     print(f"machine: {machine()}\n", flush=True)
     for number in args.scenarios or sorted(scenarios):
         await scenarios[number]()
