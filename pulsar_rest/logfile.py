@@ -157,6 +157,11 @@ def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Han
     stdout that lags (a full pipe) or a slow disk delays the log, never the event loop. Return
     the handler that writes; stop() writes what is left."""
     global _listener
+    # A line says neither where in the code nor which thread or process wrote it: a record
+    # costs no walk of the stack and no getpid() (the knobs of the logging HOWTO's
+    # "Optimization"; the formats below use none of them).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler: logging.Handler
     if log_dir is None:
         handler = logging.StreamHandler(sys.stdout)

@@ -120,11 +120,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
 class OutputLog:
     def __init__(
         self,
@@ -142,10 +137,6 @@ class OutputLog:
         self._path = path
         self._fd: int | None = None  # opened and closed by the writer's thread only
         self._writer = writer
-        if writer is not None:
-            # Whatever a file of that name held is not this task's (a history moved away
-            # without its logs), even if this task never writes: gone before the first write.
-            writer.submit(_remove, path)
         # One decoder per stream (stdout, stderr) merged here: a character one of them cut
         # between two reads stays whole, whatever the other wrote in between.
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}
@@ -247,8 +238,11 @@ class OutputLog:
     def _write_file(self, data: bytes) -> None:
         """In the writer's thread."""
         try:
-            if self._fd is None:  # the first write makes the file (an older one went in __init__)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            if self._fd is None:  # the first write makes the file
+                # Whatever a file of that name held is not this task's (a history moved away
+                # without its logs): emptied here, or removed at the close if nothing came.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+                self._fd = os.open(self._path, flags, 0o640)
             _write_all(self._fd, data)
         finally:
             # Counted as in the file even if the write failed: offsets stay consistent with
@@ -256,7 +250,10 @@ class OutputLog:
             self.size += len(data)
 
     def _close_file(self) -> None:
-        if self._fd is not None:
+        if self._fd is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)  # (see _write_file)
+        else:
             os.close(self._fd)
             self._fd = None
 

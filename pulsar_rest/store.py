@@ -335,7 +335,7 @@ class LogFiles:
         return self.dir / _log_name(task_id, stdout)
 
     def new(self, task_id: int, stdout: bool = False) -> OutputLog:
-        return OutputLog(self.path(task_id, stdout), self._writer)
+        return OutputLog(f"{self._dir_text}/{_log_name(task_id, stdout)}", self._writer)
 
     def existing(self, task_id: int, stdout: bool = False, size: int | None = None) -> OutputLog:
         """The log of a task of the history; of `size` bytes if known, else as big as its file."""
@@ -418,6 +418,11 @@ def history_rows(db: sqlite3.Connection, data_dir: Path, chunk: int) -> Iterator
         logs.close()
 
 
+# A write of SQLite's: a statement and its values, or the task whose row they are (made as
+# the batch goes to the thread); and what awaits it, if anything.
+_Write = tuple[str, tuple[Any, ...] | Task, asyncio.Future[None] | None]
+
+
 class SqliteStore:
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
@@ -426,7 +431,7 @@ class SqliteStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-db")
         self._last_id = 0
         # Writes asked for in this turn of the event loop, with what awaits each (if any).
-        self._writes: TurnBatch[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]
+        self._writes: TurnBatch[_Write]
         self._writes = TurnBatch(self._write_batch, one_at_a_time=True)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -434,29 +439,29 @@ class SqliteStore:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _queue(
-        self, statement: str, values: tuple[Any, ...], done: asyncio.Future[None] | None = None
+        self, statement: str, values: tuple[Any, ...] | Task, done: asyncio.Future[None] | None = None
     ) -> None:
         """Write in order after the earlier writes (with those of the same turn)."""
         self._writes.add((statement, values, done))
 
-    def _write_batch(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]]) -> None:
+    def _write_batch(self, batch: list[_Write]) -> None:
         waiting = [(index, done) for index, (_, _, done) in enumerate(batch) if done is not None]
 
-        # A task's row written several times in a batch (created, running, ended: a short
-        # task's often meet in one) is written once, where it came first, as it came last:
-        # each is the whole row.
+        # A task's row is made as the batch goes to the thread, once however often the task
+        # was saved in the batch (created, running, ended: a short task's often meet in one),
+        # and written where it was first asked for: the row is whole, and the newest.
         writes: list[tuple[str, tuple[Any, ...]]] = []
         done_by: list[int] = []  # for each write asked for, the index of the one done for it
-        rows: dict[Any, int] = {}  # task id -> index of its row's write
+        rows: dict[int, int] = {}  # task id -> index of its row's write
         for statement, values, _ in batch:
-            at = rows.get(values[0]) if statement is _UPSERT else None
-            if at is None:
+            if isinstance(values, Task):
+                at = rows.get(values.id)
+                if at is None:
+                    at = rows[values.id] = len(writes)
+                    writes.append((statement, self._row(values)))
+            else:
                 at = len(writes)
                 writes.append((statement, values))
-                if statement is _UPSERT:
-                    rows[values[0]] = at
-            else:
-                writes[at] = (statement, values)
             done_by.append(at)
 
         def tell(errors: list[sqlite3.Error | None] | None, failed: BaseException | None) -> None:
@@ -599,12 +604,12 @@ class SqliteStore:
 
     async def add(self, task: Task) -> None:
         done = asyncio.get_running_loop().create_future()
-        self._queue(_UPSERT, self._row(task), done)
+        self._queue(_UPSERT, task, done)
         await done
 
     def save(self, task: Task) -> None:
-        # The row is taken now, as the task is; the write follows the earlier ones.
-        self._queue(_UPSERT, self._row(task))
+        # The write follows the earlier ones; the row is the task as it is then.
+        self._queue(_UPSERT, task)
 
     async def prune(self, keep: int | None, before: datetime | None) -> list[tuple[int, TaskStatus]]:
         return await self._call(self._prune, keep, before)
