@@ -5,7 +5,6 @@ can move it away (its `postrotate` sends the signal)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import logging.handlers
@@ -14,6 +13,7 @@ import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_NAME = "pulsar-rest.log"
@@ -40,13 +40,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-# What goes to the writing thread: a line, or the lines of one turn of the event loop.
-_Lines = logging.LogRecord | list[logging.LogRecord]
+# What goes to the writing thread: a line, or the lines of one turn of the event loop, made.
+_Lines = str | list[str]
 
 
-class _Queued(logging.handlers.QueueHandler):
-    """Hands each line to the writing thread: the message is made now (its arguments may
-    change later), the line is formatted and written there, the exception's text apart.
+class _Queued(logging.Handler):
+    """Makes each line where it is logged, and hands it to the writing thread, which only
+    writes: whatever Python runs in a thread holds the GIL, which the event loop then waits
+    for (a line made there cost the loop as much, and the hand-overs on top).
 
     The lines of one turn of the event loop go together, at its end: one wake-up of the
     thread a turn, not one a line. Each wake-up hands the GIL to the thread and back, and a
@@ -55,27 +56,34 @@ class _Queued(logging.handlers.QueueHandler):
     line from another thread goes at once too, so it may come before the loop's lines of
     the same moment."""
 
-    def __init__(self, lines: queue.SimpleQueue[_Lines | None]) -> None:
-        super().__init__(lines)
-        self._turn: list[logging.LogRecord] = []
+    def __init__(self, lines: queue.SimpleQueue[_Lines | None], formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.queue = lines
+        self._turn: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop whose turn they are
 
-    def enqueue(self, record: logging.LogRecord) -> None:
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # another thread, or before the loop: at once
-            self.queue.put_nowait(record)
+            self.queue.put_nowait(line)
             return
         if self._turn and self._loop is not loop:
             self.flush()  # a loop that stopped before its turn ended, and will not end it
         if record.levelno >= logging.WARNING:
             self.flush()
-            self.queue.put_nowait(record)
+            self.queue.put_nowait(line)
             return
         if not self._turn:
             self._loop = loop
             loop.call_soon(self.flush)
-        self._turn.append(record)
+        self._turn.append(line)
 
     def flush(self) -> None:
         """Hand over the lines of this turn (also called by stop())."""
@@ -83,26 +91,19 @@ class _Queued(logging.handlers.QueueHandler):
         if lines:
             self.queue.put_nowait(lines)
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = copy.copy(record)
-        record.msg, record.args = record.getMessage(), None
-        if record.exc_info:
-            record.exc_text = _PLAIN.formatException(record.exc_info)
-            record.exc_info = None
-        return record
-
 
 class _Listener(logging.handlers.QueueListener):
     """Writes all the lines queued when it wakes up in one write of the stream (and one
     flush): each write lets go of the GIL and takes it back, and the event loop, when it
     wants the GIL meanwhile, waits on a futex. Under load, lines pile up while it writes."""
 
-    def __init__(self, lines: queue.SimpleQueue[_Lines | None], handler: logging.Handler) -> None:
+    def __init__(self, lines: queue.SimpleQueue[_Lines | None], handler: logging.StreamHandler[Any]) -> None:
         super().__init__(lines, handler)
         self._lines = lines
+        self._handler = handler
         self._stopping = False  # the sentinel came among the lines taken at once
 
-    def dequeue(self, block: bool) -> list[logging.LogRecord] | None:  # type: ignore[override]
+    def dequeue(self, block: bool) -> list[str] | None:  # type: ignore[override]
         if self._stopping:
             return None  # the sentinel: the lines before it were written
         taken = self._lines.get(block)
@@ -119,32 +120,19 @@ class _Listener(logging.handlers.QueueListener):
                 return lines
             lines.extend(more if isinstance(more, list) else (more,))
 
-    def handle(self, record: list[logging.LogRecord]) -> None:  # type: ignore[override]
-        handler = self.handlers[0]
-        if not isinstance(handler, logging.StreamHandler):
-            for line in record:
-                handler.handle(line)
-            return
-        text = []
-        for line in record:
-            if handler.filter(line):
-                try:
-                    text.append(handler.format(line) + handler.terminator)
-                except Exception:
-                    handler.handleError(line)
-        if not text:
-            return
+    def handle(self, record: list[str]) -> None:  # type: ignore[override]
+        handler = self._handler
+        text = handler.terminator.join(record) + handler.terminator
         handler.acquire()  # not while SIGHUP's reopen swaps the stream
         try:
-            handler.stream.write("".join(text))
+            handler.stream.write(text)
             handler.flush()
         except Exception:
-            handler.handleError(record[-1])
+            print(f"pulsar-rest: cannot write its log: {sys.exc_info()[1]}", file=sys.stderr)
         finally:
             handler.release()
 
 
-_PLAIN = logging.Formatter()
 _listener: _Listener | None = None
 
 
@@ -162,7 +150,7 @@ def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Han
     # "Optimization"; the formats below use none of them).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler: logging.Handler
+    handler: logging.StreamHandler[Any]
     if log_dir is None:
         handler = logging.StreamHandler(sys.stdout)
     else:
@@ -171,13 +159,14 @@ def configure(log_dir: Path | None, log_format: str, debug: bool) -> logging.Han
             handler = logging.FileHandler(log_dir / LOG_NAME, encoding="utf-8")
         except OSError as exc:
             raise LogFileError(f"--log-dir {log_dir}: {exc.strerror or exc}") from None
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
     lines: queue.SimpleQueue[_Lines | None] = queue.SimpleQueue()  # None: stop
     stop()
     _listener = _Listener(lines, handler)
     _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [_Queued(lines)]
+    root.handlers[:] = [_Queued(lines, formatter)]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     return handler
 
