@@ -88,13 +88,15 @@ class LogWriter:
 
     def _run(self, batch: list[tuple[Callable[[], object], Then[object]]]) -> None:
         def tell(outcomes: list[_Outcome] | None, error: BaseException | None) -> None:
-            assert outcomes is not None, error  # _run_all keeps each job's error
-            for (_, then), outcome in zip(batch, outcomes, strict=True):
-                try:
-                    then(*outcome)
-                except Exception:  # the others of the batch (other tasks' logs) are told still
-                    log.exception("a log's write was done, and what followed it failed")
-            self._jobs.done()
+            try:
+                assert outcomes is not None, error  # _run_all keeps each job's error
+                for (_, then), outcome in zip(batch, outcomes, strict=True):
+                    try:
+                        then(*outcome)
+                    except Exception:  # the others of the batch (other tasks' logs) are told still
+                        log.exception("a log's write was done, and what followed it failed")
+            finally:
+                self._jobs.done()
 
         run_then(self._pool, functools.partial(_run_all, [job for job, _ in batch]), tell)
 
@@ -112,6 +114,15 @@ def _run_all(jobs: list[Callable[[], object]]) -> list[_Outcome]:
         except Exception as exc:
             outcomes.append((None, exc))
     return outcomes
+
+
+def _told_nothing(_: object, error: BaseException | None) -> None:
+    pass  # (_remove keeps its errors: a file that was not there is the usual case)
+
+
+def _remove(path: str | Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -137,6 +148,10 @@ class OutputLog:
         self._path = path
         self._fd: int | None = None  # opened and closed by the writer's thread only
         self._writer = writer
+        if writer is not None:
+            # Whatever a file of that name held is not this task's (a history moved away
+            # without its logs), even if this task never writes: gone before the first write.
+            writer.post(_told_nothing, _remove, path)
         # One decoder per stream (stdout, stderr) merged here: a character one of them cut
         # between two reads stays whole, whatever the other wrote in between.
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}
@@ -199,13 +214,14 @@ class OutputLog:
         added = sum(self._append(d.decode(b"", final=True).encode()) for d in self._decoders.values())
         self._closed = True
         assert self._writer is not None
-        # All of it is in the file once every write is told done. The descriptor's close
-        # then goes to the thread unawaited: the task ends a wake-up of the thread sooner.
+        # The descriptor's close goes to the thread now, after the writes (in order), and
+        # even if this wait is cancelled; all of it is in the file once every write is told
+        # done, which is all the task's end waits for (not a wake-up of the thread more).
+        self._writer.post(self._file_closed, self._close_file)
         while self._unacked:
             waiter = asyncio.get_running_loop().create_future()
             self._drain_waiters.append(waiter)
             await waiter
-        self._writer.post(self._closed_file, self._close_file)
         if len(self._tail) > ENDED_KEEP or self.error is not None:
             # All of it is in the file now; or the file lacks some of it, and memory would
             # show what the file cannot once the task is forgotten here.
@@ -238,11 +254,8 @@ class OutputLog:
     def _write_file(self, data: bytes) -> None:
         """In the writer's thread."""
         try:
-            if self._fd is None:  # the first write makes the file
-                # Whatever a file of that name held is not this task's (a history moved away
-                # without its logs): emptied here, or removed at the close if nothing came.
-                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-                self._fd = os.open(self._path, flags, 0o640)
+            if self._fd is None:  # the first write makes the file (an older one went in __init__)
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             _write_all(self._fd, data)
         finally:
             # Counted as in the file even if the write failed: offsets stay consistent with
@@ -250,14 +263,11 @@ class OutputLog:
             self.size += len(data)
 
     def _close_file(self) -> None:
-        if self._fd is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)  # (see _write_file)
-        else:
+        if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def _closed_file(self, _: object, error: BaseException | None) -> None:
+    def _file_closed(self, _: object, error: BaseException | None) -> None:
         if error is not None:
             log.error("cannot close %s: %s", self.path, error)
 
@@ -266,12 +276,14 @@ class OutputLog:
         if error is not None and self.error is None:
             self.error = error if isinstance(error, OSError) else OSError(str(error))
             log.error("cannot write %s: %s", self.path, self.error)
-        if self.on_written is not None:
-            self.on_written(count)
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        try:
+            if self.on_written is not None:
+                self.on_written(count)
+        finally:  # a close or a drain waits for this write whatever its listener did
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     @property
     def taken(self) -> int:

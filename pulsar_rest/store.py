@@ -430,7 +430,7 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pulsar-rest-db")
         self._last_id = 0
-        # Writes asked for in this turn of the event loop, with what awaits each (if any).
+        # Writes not yet handed to the thread, with what awaits each (if any).
         self._writes: TurnBatch[_Write]
         self._writes = TurnBatch(self._write_batch, one_at_a_time=True)
 
@@ -441,7 +441,7 @@ class SqliteStore:
     def _queue(
         self, statement: str, values: tuple[Any, ...] | Task, done: asyncio.Future[None] | None = None
     ) -> None:
-        """Write in order after the earlier writes (with those of the same turn)."""
+        """Write in order after the earlier writes (with those asked for meanwhile)."""
         self._writes.add((statement, values, done))
 
     def _write_batch(self, batch: list[_Write]) -> None:
@@ -465,11 +465,13 @@ class SqliteStore:
             done_by.append(at)
 
         def tell(errors: list[sqlite3.Error | None] | None, failed: BaseException | None) -> None:
-            self._writes.done()
-            if failed is not None and not waiting:
-                log.error("cannot write to %s", DB_NAME, exc_info=failed)  # nobody else to tell
-            for index, done in waiting:
-                settle(done, None, failed or (errors[done_by[index]] if errors is not None else None))
+            try:
+                if failed is not None and not waiting:
+                    log.error("cannot write to %s", DB_NAME, exc_info=failed)  # nobody else to tell
+                for index, done in waiting:
+                    settle(done, None, failed or (errors[done_by[index]] if errors is not None else None))
+            finally:
+                self._writes.done()  # the next batch goes after this one's waiters are told
 
         run_then(self._thread, functools.partial(self._write, writes), tell)
 

@@ -31,7 +31,7 @@ class TurnBatch(Generic[W]):
         self._write = write
         self._pending: list[W] = []
         self._one_at_a_time = one_at_a_time
-        self._out = False  # a batch is with the thread
+        self._out = 0  # batches with the thread (more than one after a read's flush)
 
     def add(self, item: W) -> None:
         if not self._pending and not self._out:
@@ -44,13 +44,19 @@ class TurnBatch(Generic[W]):
             return  # it goes at done()
         batch, self._pending = self._pending, []
         if batch:
-            self._out = self._one_at_a_time
-            self._write(batch)
+            if self._one_at_a_time:
+                self._out += 1
+            try:
+                self._write(batch)
+            except BaseException:
+                self.done()  # never handed over: nothing will say it is done
+                raise
 
     def done(self) -> None:
-        """The batch handed over is done (one at a time): the next one goes."""
-        self._out = False
-        self.flush()
+        """A batch handed over is done (one at a time): once none is out, the next goes."""
+        self._out = max(0, self._out - 1)
+        if not self._out:
+            self.flush()
 
 
 Then = Callable[[T | None, BaseException | None], None]  # told `fn`'s result or error

@@ -1338,6 +1338,8 @@ async def main() -> int:
         9: lambda: instances(quick),
     }
     if args.against is not None:
+        if args.scenarios not in ([], [5]):
+            parser.error("--against runs scenario 5 only")
         if not (args.against / "pulsar_rest" / "__main__.py").is_file():
             parser.error(f"--against {args.against}: not a checkout of pulsar-rest")
         scenarios = {

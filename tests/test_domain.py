@@ -255,6 +255,22 @@ async def test_a_thread_s_outcome_comes_back_in_the_next_turn_of_the_loop(
     assert isinstance(error, OSError) if fails else error is None
 
 
+async def test_a_log_closes_even_when_what_follows_its_last_write_fails(
+    tmp_path: Path, writer: LogWriter
+) -> None:
+    """The task's end waits for the log's close: a listener of its writes that fails must
+    not leave it waiting for ever."""
+    out = OutputLog(tmp_path / "out.log", writer)
+
+    def failing(count: int) -> None:
+        raise RuntimeError("a listener's bug")
+
+    out.on_written = failing
+    out.feed(b"line\n")
+    await asyncio.wait_for(out.close(), 10)
+    assert (tmp_path / "out.log").read_bytes() == b"line\n"
+
+
 async def test_work_asked_for_while_a_batch_is_out_goes_as_the_next_one() -> None:
     """One batch at a time (a thread's): what several turns ask for while the thread works
     goes together when it is done; a read's flush does not wait for it."""
