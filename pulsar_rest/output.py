@@ -218,10 +218,7 @@ class OutputLog:
         # even if this wait is cancelled; all of it is in the file once every write is told
         # done, which is all the task's end waits for (not a wake-up of the thread more).
         self._writer.post(self._file_closed, self._close_file)
-        while self._unacked:
-            waiter = asyncio.get_running_loop().create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
+        await self._wait_written(lambda: not self._unacked)
         if len(self._tail) > ENDED_KEEP or self.error is not None:
             # All of it is in the file now; or the file lacks some of it, and memory would
             # show what the file cannot once the task is forgotten here.
@@ -230,7 +227,11 @@ class OutputLog:
 
     async def drain(self, below: int = 0) -> None:
         """Wait until fewer than `below` bytes (none by default) wait for the file."""
-        while self.backlog > below:
+        await self._wait_written(lambda: self.backlog <= below)
+
+    async def _wait_written(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()`, looked at after each write is told done."""
+        while not done():
             waiter = asyncio.get_running_loop().create_future()
             self._drain_waiters.append(waiter)
             await waiter

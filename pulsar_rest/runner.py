@@ -537,14 +537,15 @@ async def spawn(
             writers.append(stderr)
             readers.append((err_read, _Output(on_output)))
 
-        # Started on the event loop, which waits the 0.2-0.3 ms of Popen (the child is made
-        # with vfork: the loop goes on once it reached exec; 0.65 ms at p50 with 20 starts in
-        # flight). From a thread of its own, the loop went on meanwhile, but each start cost
-        # some 80 futex calls and 1.2 ms of the server's CPU more, a third of a short task:
-        # the thread's wake-ups on the other core (posix_spawn from a thread, with the GIL
-        # let go, cost as much; so did a helper process). The price: a program whose exec
-        # hangs (on a hung network mount) holds the whole server, not only the next starts.
-        # With no await between Popen and _Leader, a started child is always watched.
+        # Started on the event loop, which waits the 0.2 ms of Popen (the child is made with
+        # vfork: the loop goes on once it reached exec; a scheduler trace with 20 starts in
+        # flight: p50 0.15 ms, mean 0.3-0.4 ms). From a thread of its own, the loop went on
+        # meanwhile, but each start cost some 80 futex calls and 1.2 ms of the server's CPU
+        # more, a third of a short task: the thread's wake-ups on the other core (posix_spawn
+        # from a thread, with the GIL let go, cost as much; so did a helper process). The
+        # price: a program whose exec hangs (on a hung network mount) holds the whole server,
+        # not only the next starts. With no await between Popen and _Leader, a started child
+        # is always watched.
         popen = subprocess.Popen(  # noqa: ASYNC220 (on purpose: see above)
             argv,
             stdin=subprocess.DEVNULL,

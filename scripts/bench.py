@@ -110,27 +110,12 @@ class Server:
         self.pulsar = str(wrapper)
         env = {**os.environ, "FAKE_PULSAR_DIR": str(self.gates)}
         self.launched = time.monotonic()
+        # python -m runs the package of its working directory: `root`'s.
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pulsar_rest",
-                "--port",
-                "0",
-                "--pulsar-bin",
-                self.pulsar,
-                "--data-dir",
-                str(data or work / "data"),
-                "--long-poll-timeout",
-                "300",
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=root,
-            text=True,
-        )  # fmt: skip  (python -m runs the package of its working directory: `root`'s)
+            [sys.executable, "-m", "pulsar_rest", "--port", "0", "--pulsar-bin", self.pulsar,
+             "--data-dir", str(data or work / "data"), "--long-poll-timeout", "300", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True,
+        )  # fmt: skip
         assert self.proc.stdout is not None
         watchdog = threading.Timer(START_TIMEOUT, self.proc.kill)
         watchdog.start()
